@@ -1,0 +1,70 @@
+"""Address normalisation and the keyed hash that suppression entries are looked up by."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from email_validator import EmailNotValidError, validate_email
+
+
+class InvalidAddressError(ValueError):
+    """Raised when an address cannot be used as a recipient; the message never echoes it."""
+
+
+def normalise(address: str, *, test_environment: bool = False) -> str:
+    """Return ``local@ascii-domain`` for a valid address, or raise :class:`InvalidAddressError`.
+
+    The domain is lower-cased and converted to its IDNA A-label (punycode) form; the local
+    part is kept as typed, because RFC 5321 section 2.4 lets the receiving host treat it as
+    case-sensitive. ``test_environment`` admits the special-use ``.test`` names (RFC 6761)
+    that a development sink may use; it is never on in production.
+    """
+    if not isinstance(address, str):
+        raise InvalidAddressError("an email address must be a string")
+    if "@" not in address:
+        raise InvalidAddressError("an email address must contain an @-sign")
+    local, _, _ = address.rpartition("@")
+    if not local.isascii():
+        # We send ASCII-only envelopes: a non-ASCII local part needs SMTPUTF8 (RFC 6531)
+        # end to end and, unlike a domain, has no ASCII form to fall back on.
+        raise InvalidAddressError(
+            "internationalised characters before the @-sign are not supported"
+        )
+    try:
+        # Every option is spelled out so that a module-level default changed elsewhere
+        # (email_validator.ALLOW_QUOTED_LOCAL and friends) cannot loosen this check.
+        validated = validate_email(
+            address,
+            check_deliverability=False,  # no DNS: decisions must not depend on the network
+            allow_smtputf8=False,
+            allow_empty_local=False,
+            allow_quoted_local=False,  # quoted strings hide '@', spaces and CRLF from parsers
+            allow_domain_literal=False,
+            allow_display_name=False,
+            strict=True,  # enforce the 64-octet local part of RFC 5321 section 4.5.3.1.1
+            test_environment=test_environment,
+        )
+    except EmailNotValidError:
+        # email-validator's own messages quote characters of the input; ours stay generic
+        # so that no part of an address ever reaches a log line or an error body.
+        raise InvalidAddressError("not a valid email address") from None
+    ascii_domain: str | None = validated.ascii_domain
+    if validated.smtputf8 or not ascii_domain:
+        raise InvalidAddressError(
+            "internationalised characters before the @-sign are not supported"
+        )
+    return f"{validated.local_part}@{ascii_domain}"
+
+
+def address_hash(normalised: str, key: bytes) -> str:
+    """Return the HMAC-SHA256 hex digest of a normalised address, compared case-insensitively.
+
+    Lookups fold the local part's case too, since mailbox providers almost all treat
+    ``Foo@x`` and ``foo@x`` as one person, and an erased person (SPEC section 3) must stay
+    suppressed however the address is typed next time.
+    """
+    if not key:
+        # Without a secret the hash of a known address is trivially recomputed.
+        raise ValueError("an address hash needs a non-empty key")
+    return hmac.new(key, normalised.lower().encode("utf-8"), hashlib.sha256).hexdigest()
