@@ -1,0 +1,84 @@
+"""The HTTP application: FastAPI wiring of the runtime, routers and error handlers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from mailer.api import errors, messages, operations, recipients
+from mailer.api.deps import runtime, scoped
+from mailer.config import Settings
+from mailer.keys import ApiKey
+from mailer.runtime import Runtime
+
+#: Largest request body we read; a batch of 1000 messages fits comfortably.
+MAX_BODY_BYTES = 10 * 1024 * 1024
+
+
+def create_app(rt: Runtime | None = None) -> FastAPI:
+    """Build the app; without a runtime, one is wired from the environment at start-up."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if getattr(app.state, "runtime", None) is None:
+            app.state.runtime = Runtime.from_settings(Settings.from_environ())
+        yield
+
+    app = FastAPI(title="mailer", version="0.1.0", lifespan=lifespan)
+    app.state.runtime = rt
+    errors.install(app)
+
+    @app.middleware("http")
+    async def limit_body(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return errors.error_response(413, "payload_too_large",
+                                         f"bodies are limited to {MAX_BODY_BYTES} bytes")
+        return await call_next(request)
+
+    app.include_router(messages.router)
+    app.include_router(recipients.router)
+    app.include_router(operations.router)
+
+    @app.get("/healthz", tags=["operations"])
+    def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["operations"])
+    def readyz(rt: Annotated[Runtime, Depends(runtime)]) -> JSONResponse:
+        """The database and Redis answer."""
+        checks: dict[str, str] = {}
+        try:
+            with rt.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+        except Exception as exc:
+            checks["database"] = f"unreachable: {type(exc).__name__}"
+        ping = getattr(rt.enqueuer, "ping", None)
+        checks["redis"] = "ok" if ping is None or ping() else "unreachable"
+        ready = all(v == "ok" for v in checks.values())
+        return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks},
+                            status_code=200 if ready else 503)
+
+    @app.get("/v1/templates", tags=["templates"])
+    def list_templates(
+        key: Annotated[ApiKey, Depends(scoped("marketing", "messages:transactional",
+                                              "messages:legal"))],
+        rt: Annotated[Runtime, Depends(runtime)],
+    ) -> dict[str, Any]:
+        """Every template with its category, topic and required variables."""
+        return {"templates": [
+            {"name": t.name, "category": t.category.value, "topic": t.topic,
+             "description": t.description, "required": list(t.required)}
+            for t in rt.catalogue
+        ]}
+
+    return app

@@ -1,0 +1,152 @@
+"""``/v1/messages``: accept single and batch sends, and report on a message (SPEC 7)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+
+from mailer.accept import MAX_BATCH, Acceptor, SendRequest
+from mailer.api.deps import api_key, runtime
+from mailer.errors import Forbidden, NotFound, RequestError, ValidationFailed
+from mailer.keys import ApiKey
+from mailer.runtime import Runtime
+from mailer.schema import message_events, messages
+
+router = APIRouter(prefix="/v1/messages", tags=["messages"])
+
+
+class To(BaseModel):
+    """A recipient given as an object."""
+
+    model_config = ConfigDict(extra="forbid")
+    email: str = Field(max_length=320)
+    external_id: str | None = Field(default=None, max_length=200)
+    name: str | None = Field(default=None, max_length=200)
+
+
+class MessageIn(BaseModel):
+    """One message to send."""
+
+    model_config = ConfigDict(extra="forbid")
+    template: str = Field(max_length=100)
+    to: str | To
+    data: dict[str, Any] = Field(default_factory=dict)
+    topic: str | None = Field(default=None, max_length=100)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
+    send_at: datetime | None = None
+
+
+class BatchIn(BaseModel):
+    """Up to 1000 messages."""
+
+    model_config = ConfigDict(extra="forbid")
+    messages: list[dict[str, Any]] = Field(max_length=MAX_BATCH)
+
+
+def _to_request(body: MessageIn, raw: dict[str, Any]) -> SendRequest:
+    to = body.to if isinstance(body.to, To) else To(email=body.to)
+    send_at = body.send_at
+    if send_at is not None and send_at.tzinfo is None:
+        raise ValidationFailed("send_at needs a time zone, e.g. 2030-01-01T09:00:00Z")
+    return SendRequest(
+        template=body.template, email=to.email, external_id=to.external_id, name=to.name,
+        data=body.data, topic=body.topic, idempotency_key=body.idempotency_key,
+        send_at=send_at.astimezone(UTC) if send_at else None, body=raw,
+    )
+
+
+@router.post("", status_code=202)
+def send_message(
+    body: MessageIn,
+    key: Annotated[ApiKey, Depends(api_key)],
+    rt: Annotated[Runtime, Depends(runtime)],
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> JSONResponse:
+    """Accept one message: 202 with its id and status (queued, scheduled or suppressed)."""
+    if idempotency_key and not body.idempotency_key:
+        body = body.model_copy(update={"idempotency_key": idempotency_key})
+    raw = body.model_dump(mode="json", exclude_none=True)
+    [result] = Acceptor(rt).accept(key, [_to_request(body, raw)])
+    if "error" in result:
+        error = result["error"]
+        exc = RequestError(error["message"], error["details"], code=error["code"])
+        exc.status = result["status"]
+        raise exc
+    return JSONResponse(result, status_code=202)
+
+
+@router.post("/batch", status_code=202)
+def send_batch(
+    body: BatchIn,
+    key: Annotated[ApiKey, Depends(api_key)],
+    rt: Annotated[Runtime, Depends(runtime)],
+) -> dict[str, Any]:
+    """Accept up to 1000 messages; results come back in input order, errors inline."""
+    requests: list[SendRequest | None] = []
+    errors: dict[int, dict[str, Any]] = {}
+    for index, item in enumerate(body.messages):
+        try:
+            parsed = MessageIn.model_validate(item)
+            requests.append(
+                _to_request(parsed, parsed.model_dump(mode="json", exclude_none=True))
+            )
+        except RequestError as exc:
+            requests.append(None)
+            errors[index] = {"code": exc.code, "message": exc.message, "details": exc.details}
+        except ValueError as exc:  # pydantic.ValidationError
+            requests.append(None)
+            errors[index] = {
+                "code": "validation_error",
+                "message": "the message does not match the schema",
+                "details": [str(e.get("msg")) for e in getattr(exc, "errors", list)()],
+            }
+    valid = [r for r in requests if r is not None]
+    accepted = iter(Acceptor(rt).accept(key, valid))
+    results: list[dict[str, Any]] = []
+    for index, req in enumerate(requests):
+        if req is None:
+            results.append({"error": errors[index]})
+            continue
+        outcome = next(accepted)
+        results.append({"error": outcome["error"]} if "error" in outcome else outcome)
+    return {"results": results}
+
+
+@router.get("/{message_id}")
+def get_message(
+    message_id: str,
+    key: Annotated[ApiKey, Depends(api_key)],
+    rt: Annotated[Runtime, Depends(runtime)],
+) -> dict[str, Any]:
+    """A message's status, attempts, SMTP response and history."""
+    with rt.engine.connect() as conn:
+        row = conn.execute(select(messages).where(messages.c.id == message_id)).first()
+        # Another key's message is reported as absent, not forbidden: ids are not an oracle.
+        if row is None or (row.api_key_id != key.id and not key.allows("admin")
+                           and row.campaign_id is None):
+            raise NotFound("no such message")
+        if row.campaign_id is not None and not key.allows("marketing"):
+            raise Forbidden("campaign messages need the marketing scope")
+        events = conn.execute(
+            select(message_events.c.at, message_events.c.type, message_events.c.detail)
+            .where(message_events.c.message_id == message_id)
+            .order_by(message_events.c.id)
+        )
+        history = [{"at": _iso(e.at), "type": e.type, "detail": e.detail} for e in events]
+    return {
+        "id": row.id, "category": row.category, "template": row.template, "topic": row.topic,
+        "status": row.status, "reason": row.reason, "attempts": row.attempts,
+        "created_at": _iso(row.created_at), "sent_at": _iso(row.sent_at),
+        "send_at": _iso(row.send_at), "smtp_response": row.smtp_response,
+        "smtp_code": row.smtp_code, "message_id": row.message_id_header,
+        "campaign_id": row.campaign_id, "events": history,
+    }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value else None

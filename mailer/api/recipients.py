@@ -1,0 +1,183 @@
+"""``/v1/recipients`` and ``/v1/topics``: profiles, consent and topics (SPEC 3, 7)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import insert, select, update
+
+from mailer.api.deps import runtime, scoped
+from mailer.errors import InvalidAddress, ValidationFailed
+from mailer.headers import check_header_value
+from mailer.keys import ApiKey
+from mailer.recipients import (
+    Address,
+    get_recipient,
+    ledger,
+    preferences,
+    record_consent,
+    suppression_rows,
+    upsert_recipient,
+)
+from mailer.runtime import Runtime
+from mailer.schema import topics
+from suppression.addresses import InvalidAddressError
+from suppression.consent import THIRD_PARTY_SHARING
+
+router = APIRouter(tags=["recipients"])
+
+RecipientsKey = Annotated[ApiKey, Depends(scoped("recipients"))]
+Rt = Annotated[Runtime, Depends(runtime)]
+
+
+class RecipientIn(BaseModel):
+    """A profile as a service registers it."""
+
+    model_config = ConfigDict(extra="forbid")
+    email: str = Field(max_length=320)
+    name: str | None = Field(default=None, max_length=200)
+    locale: str | None = Field(default=None, max_length=35)
+    attributes: dict[str, Any] = Field(default_factory=dict)
+    account_active: bool = True
+
+
+class ConsentIn(BaseModel):
+    """One grant or revoke for the ledger."""
+
+    model_config = ConfigDict(extra="forbid")
+    topic: str = Field(max_length=100)
+    granted: bool
+    source: str = Field(max_length=40)
+    policy_version: str | None = Field(default=None, max_length=40)
+    occurred_at: datetime | None = None
+    evidence: dict[str, Any] | None = None
+
+
+class TopicIn(BaseModel):
+    """A marketing topic."""
+
+    model_config = ConfigDict(extra="forbid")
+    title: str = Field(min_length=1, max_length=200)
+    description: str = Field(default="", max_length=2000)
+    third_party: bool = False
+    double_opt_in: bool = False
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value else None
+
+
+def _address(rt: Runtime, raw: str) -> Address:
+    try:
+        return rt.address(raw)
+    except InvalidAddressError as exc:
+        raise InvalidAddress(f"invalid address: {exc}") from None
+
+
+def profile(row: Any) -> dict[str, Any]:
+    """The profile fields of a recipient row."""
+    return {
+        "external_id": row.external_id, "email": row.email, "name": row.name,
+        "locale": row.locale, "attributes": row.attributes or {},
+        "account_active": bool(row.account_active),
+        "created_at": _iso(row.created_at), "updated_at": _iso(row.updated_at),
+    }
+
+
+@router.put("/v1/recipients/{external_id}")
+def put_recipient(
+    external_id: str, body: RecipientIn, key: RecipientsKey, rt: Rt
+) -> JSONResponse:
+    """Create (201) or update (200) a profile."""
+    if not external_id or len(external_id) > 200:
+        raise ValidationFailed("external_id must be 1 to 200 characters")
+    if body.name is not None:
+        check_header_value("name", body.name)
+    address = _address(rt, body.email)
+    with rt.engine.begin() as conn:
+        row, created = upsert_recipient(conn, external_id, address, body.model_dump(), rt.clock())
+    return JSONResponse(profile(row), status_code=201 if created else 200)
+
+
+@router.get("/v1/recipients/{external_id}")
+def get_recipient_view(external_id: str, key: RecipientsKey, rt: Rt) -> dict[str, Any]:
+    """Profile, current preferences, suppressions and the full consent ledger."""
+    with rt.engine.connect() as conn:
+        row = get_recipient(conn, external_id)
+        prefs = preferences(conn, row.id)
+        sharing = prefs.pop(THIRD_PARTY_SHARING)
+        return {
+            **profile(row),
+            "preferences": prefs,
+            "third_party_sharing": sharing,
+            "suppressions": [
+                {"scope": s.scope, "reason": s.reason, "source": s.source,
+                 "created_at": _iso(s.created_at), "expires_at": _iso(s.expires_at)}
+                for s in suppression_rows(conn, row.email_hash)
+            ],
+            "consents": [
+                {"id": e.id, "topic": e.topic, "granted": bool(e.granted), "source": e.source,
+                 "policy_version": e.policy_version, "occurred_at": _iso(e.occurred_at),
+                 "recorded_at": _iso(e.recorded_at), "evidence": e.evidence}
+                for e in ledger(conn, row.id)
+            ],
+        }
+
+
+@router.post("/v1/recipients/{external_id}/consents", status_code=201)
+def post_consent(external_id: str, body: ConsentIn, key: RecipientsKey, rt: Rt) -> dict[str, Any]:
+    """Append a grant or revoke; 409 ``consent_conflict`` for a silent re-subscription."""
+    now = rt.clock()
+    occurred = body.occurred_at or now
+    if occurred.tzinfo is None:
+        raise ValidationFailed("occurred_at needs a time zone")
+    occurred = occurred.astimezone(UTC)
+    if occurred > now:
+        raise ValidationFailed("occurred_at is in the future")
+    with rt.engine.begin() as conn:
+        row = get_recipient(conn, external_id)
+        event_id = record_consent(
+            conn, row, body.topic, body.granted, body.source,
+            body.policy_version or rt.settings.policy_version, occurred, now, body.evidence,
+        )
+    return {"id": event_id, "topic": body.topic, "granted": body.granted, "source": body.source,
+            "occurred_at": _iso(occurred)}
+
+
+def topic_view(row: Any) -> dict[str, Any]:
+    """A topic as the API shows it."""
+    return {"name": row.name, "title": row.title, "description": row.description,
+            "third_party": bool(row.third_party), "double_opt_in": bool(row.double_opt_in)}
+
+
+@router.get("/v1/topics")
+def list_topics(
+    key: Annotated[ApiKey, Depends(scoped("marketing", "recipients"))], rt: Rt
+) -> dict[str, Any]:
+    """Every topic."""
+    with rt.engine.connect() as conn:
+        rows = conn.execute(select(topics).order_by(topics.c.name))
+        return {"topics": [topic_view(r) for r in rows]}
+
+
+@router.put("/v1/topics/{name}")
+def put_topic(
+    name: str, body: TopicIn, key: Annotated[ApiKey, Depends(scoped("marketing"))], rt: Rt
+) -> JSONResponse:
+    """Create (201) or update (200) a topic."""
+    if not name.replace("_", "").replace("-", "").isalnum() or len(name) > 100 \
+            or name == THIRD_PARTY_SHARING:
+        raise ValidationFailed("topic names use letters, digits, - and _ (max 100)")
+    values = body.model_dump()
+    with rt.engine.begin() as conn:
+        exists = conn.execute(select(topics.c.name).where(topics.c.name == name)).first()
+        if exists:
+            conn.execute(update(topics).where(topics.c.name == name).values(**values))
+        else:
+            conn.execute(insert(topics).values(name=name, created_at=rt.clock(), **values))
+        row = conn.execute(select(topics).where(topics.c.name == name)).one()
+    return JSONResponse(topic_view(row), status_code=200 if exists else 201)

@@ -1,0 +1,70 @@
+"""The adapters one process works with, wired once from :class:`Settings`."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from sqlalchemy import Engine
+
+from mailer.config import Settings
+from mailer.db import make_engine
+from mailer.headers import parse_sender
+from mailer.queue import Enqueuer, RedisEnqueuer
+from mailer.recipients import Address
+from mailer.templates import Catalogue
+from mailer.tokens import TokenSigner
+from suppression.addresses import address_hash, normalise
+
+
+def utcnow() -> datetime:
+    """The current time, aware UTC."""
+    return datetime.now(UTC)
+
+
+@dataclass
+class Runtime:
+    """Settings plus the database, templates, token signer and queue of one process."""
+
+    settings: Settings
+    engine: Engine
+    catalogue: Catalogue
+    enqueuer: Enqueuer
+    clock: Callable[[], datetime] = utcnow
+    signer: TokenSigner = field(init=False)
+    mail_domain: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.signer = TokenSigner(self.settings.secret_key, self.settings.old_secret_keys)
+        _, sender = parse_sender(self.settings.mail_from)
+        self.mail_domain = sender.rpartition("@")[2] or "localhost"
+        self._hash_key = self.settings.secret_key.encode()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, enqueuer: Enqueuer | None = None) -> Runtime:
+        """Connect the real adapters."""
+        return cls(
+            settings=settings,
+            engine=make_engine(settings.database_url),
+            catalogue=Catalogue(settings.templates_dir),
+            enqueuer=enqueuer if enqueuer is not None else RedisEnqueuer(settings.redis_url),
+        )
+
+    def address(self, raw: str) -> Address:
+        """Validate and normalise an address; raises ``InvalidAddressError``."""
+        email = normalise(raw)
+        return Address(email=email, hash=self.hash_email(email))
+
+    def hash_email(self, normalised: str) -> str:
+        """The keyed hash under which suppressions and history are matched (SPEC 4)."""
+        return address_hash(normalised, self._hash_key)
+
+    def new_message_id(self) -> tuple[str, str]:
+        """A row id and a separate unguessable RFC 5322 Message-ID, fixed at acceptance."""
+        return uuid.uuid4().hex, f"<{uuid.uuid4().hex}@{self.mail_domain}>"
+
+    def url(self, path: str) -> str:
+        """An absolute link to one of our public pages."""
+        return f"{self.settings.public_url}{path}"
