@@ -6,10 +6,10 @@ import logging
 import threading
 
 import dramatiq
-from mailer.dkim import DkimSigner
-from mailer.mime import MessageBuilder
 
 from mailer.dispatch import Dispatcher
+from mailer.dkim import DkimSigner
+from mailer.mime import MessageBuilder
 from mailer.queue import SEND_ACTOR, SEND_QUEUE, RedisEnqueuer
 from mailer.runtime import Runtime
 from mailer.transport import BlockingTransport, SmtpTransport
