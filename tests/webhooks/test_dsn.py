@@ -1,0 +1,268 @@
+"""DSN (RFC 3464) and ARF (RFC 5965) reports posted by our MTA with a bearer token."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import UTC, datetime
+
+import pytest
+
+from mailer.webhooks import dsn
+from mailer.webhooks.config import WebhookConfig
+from mailer.webhooks.errors import BodyTooLarge, NotConfigured, ParseError, VerificationFailed
+from mailer.webhooks.events import EventType, WebhookEvent, stable_event_id
+from tests.webhooks.conftest import NOW
+from tests.webhooks.signing import fixture_bytes
+
+TOKEN = secrets.token_urlsafe(32)
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture()
+def config() -> WebhookConfig:
+    """Given the DSN endpoint configured with a bearer token."""
+    return WebhookConfig.from_mapping({"dsn_webhook_token": TOKEN})
+
+
+def _key(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+def test_dsn_fixture_gives_one_event_per_recipient(config: WebhookConfig) -> None:
+    # Given the DSN fixture: one "failed 5.1.1" and one "delayed 4.2.2" recipient
+    body = fixture_bytes("dsn.eml")
+    # When handled
+    events = dsn.handle(AUTH, body, config, NOW)
+    # Then both recipients are reported, dated by the report, with our Message-ID
+    when = datetime(2024, 1, 1, 0, 0, 10, tzinfo=UTC)
+    assert events == [
+        WebhookEvent(
+            provider="dsn",
+            event_id=stable_event_id("dsn", "delivery-status", _key(body),
+                                     "nobody@example.org", "failed"),
+            type=EventType.HARD_BOUNCE, recipient="nobody@example.org", occurred_at=when,
+            message_id="msg-42@example.com",
+            diagnostic="smtp; 550 5.1.1 <nobody@example.org>: Recipient address rejected: "
+            "User unknown",
+            enhanced_status="5.1.1", policy_rejection=False, raw_type="failed",
+        ),
+        WebhookEvent(
+            provider="dsn",
+            event_id=stable_event_id("dsn", "delivery-status", _key(body),
+                                     "full@example.org", "delayed"),
+            type=EventType.DEFERRED, recipient="full@example.org", occurred_at=when,
+            message_id="msg-42@example.com", diagnostic="smtp; 452 4.2.2 Mailbox full",
+            enhanced_status="4.2.2", policy_rejection=False, raw_type="delayed",
+        ),
+    ]
+
+
+def _dsn_with(status: str, diagnostic: str, action: str = "failed") -> bytes:
+    body = fixture_bytes("dsn.eml")
+    return (
+        body.replace(b"Action: failed", f"Action: {action}".encode())
+        .replace(b"Status: 5.1.1", f"Status: {status}".encode())
+        .replace(b"smtp; 550 5.1.1 <nobody@example.org>: Recipient address rejected: User unknown",
+                 diagnostic.encode())
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "diagnostic", "action", "type_", "policy"),
+    [
+        ("5.7.1", "smtp; 550 5.7.1 Rejected by policy", "failed", EventType.HARD_BOUNCE, True),
+        ("5.2.2", "smtp; 552 5.2.2 Over quota", "failed", EventType.SOFT_BOUNCE, False),
+        ("4.4.7", "smtp; 421 4.4.7 Gave up", "failed", EventType.SOFT_BOUNCE, False),
+        ("2.0.0", "smtp; 250 2.0.0 OK", "delivered", EventType.DELIVERED, False),
+        ("2.0.0", "smtp; 250 2.0.0 OK", "failed", EventType.SOFT_BOUNCE, False),
+    ],
+)
+def test_action_and_status_decide_the_type(
+    status: str, diagnostic: str, action: str, type_: EventType, policy: bool
+) -> None:
+    # Given the first recipient's Action/Status changed / When parsed
+    first = dsn.parse({}, _dsn_with(status, diagnostic, action))[0]
+    # Then class 5 is hard (5.2.2 soft per RFC 3463), 5.7.x flagged, 4.x.x soft
+    assert (first.type, first.enhanced_status, first.policy_rejection) == (type_, status, policy)
+
+
+def test_relayed_recipients_are_ignored() -> None:
+    # Given a recipient whose Action is "relayed" / When parsed / Then only the other remains
+    events = dsn.parse({}, _dsn_with("2.0.0", "smtp; 250 OK", "relayed"))
+    assert [e.recipient for e in events] == ["full@example.org"]
+
+
+def test_last_attempt_date_wins_over_report_date() -> None:
+    # Given a recipient block with a Last-Attempt-Date
+    body = fixture_bytes("dsn.eml").replace(
+        b"Status: 5.1.1\r\n",
+        b"Status: 5.1.1\r\nLast-Attempt-Date: Mon, 01 Jan 2024 00:00:07 +0100\r\n",
+    )
+    # When parsed / Then that recipient's time is the last attempt, in UTC
+    assert dsn.parse({}, body)[0].occurred_at == datetime(2023, 12, 31, 23, 0, 7, tzinfo=UTC)
+
+
+def test_utf8_address_type_is_decoded() -> None:
+    # Given an RFC 6533 utf-8 address with an escaped character
+    body = fixture_bytes("dsn.eml").replace(
+        b"Final-Recipient: rfc822; nobody@example.org",
+        b"Final-Recipient: utf-8; j\\x{F6}rg@example.org",
+    )
+    # When parsed / Then the address is decoded
+    assert dsn.parse({}, body)[0].recipient == "jörg@example.org"
+
+
+def test_arf_fixture_is_a_complaint(config: WebhookConfig) -> None:
+    # Given the ARF fixture (Feedback-Type abuse, Original-Rcpt-To present)
+    body = fixture_bytes("arf.eml")
+    # When handled
+    events = dsn.handle(AUTH, body, config, NOW)
+    # Then it is a complaint for that recipient, dated by the report, with our Message-ID
+    assert events == [
+        WebhookEvent(
+            provider="dsn",
+            event_id=stable_event_id("dsn", "feedback", _key(body), "user@isp.example"),
+            type=EventType.COMPLAINT, recipient="user@isp.example",
+            occurred_at=datetime(2024, 1, 1, 1, tzinfo=UTC), message_id="msg-43@example.com",
+            diagnostic=None, enhanced_status=None, policy_rejection=False,
+            raw_type="feedback/abuse",
+        )
+    ]
+
+
+def test_redacted_arf_returns_our_message_id_for_lookup(config: WebhookConfig) -> None:
+    # Given an ARF report without Original-Rcpt-To and with the original's To redacted
+    body = fixture_bytes("arf_redacted.eml")
+    # When handled
+    events = dsn.handle(AUTH, body, config, NOW)
+    # Then the recipient is unknown and our Message-ID is given for the caller to look up;
+    # the redacted To header is never taken as the recipient; the id uses the report's own
+    # Message-ID
+    assert events == [
+        WebhookEvent(
+            provider="dsn",
+            event_id=stable_event_id("dsn", "feedback", "<report-7@isp.example>", None),
+            type=EventType.COMPLAINT, recipient=None,
+            occurred_at=datetime(2024, 1, 1, 1, tzinfo=UTC), message_id="msg-43@example.com",
+            diagnostic=None, enhanced_status=None, policy_rejection=False,
+            raw_type="feedback/abuse",
+        )
+    ]
+
+
+@pytest.mark.parametrize("feedback", ["not-spam", "auth-failure", "virus", "other"])
+def test_non_complaint_feedback_types_are_ignored(feedback: str) -> None:
+    # Given an ARF report whose Feedback-Type is not a person's complaint
+    body = fixture_bytes("arf.eml").replace(b"Feedback-Type: abuse",
+                                            f"Feedback-Type: {feedback}".encode())
+    # When parsed / Then nothing is reported
+    assert dsn.parse({}, body) == []
+
+
+def test_arf_with_neither_recipient_nor_message_id_yields_nothing() -> None:
+    # Given a redacted report whose original headers lack a Message-ID
+    body = fixture_bytes("arf_redacted.eml").replace(b"Message-ID: <msg-43@example.com>\r\n", b"")
+    # When parsed / Then there is nobody to act on
+    assert dsn.parse({}, body) == []
+
+
+def test_plain_message_is_not_a_report() -> None:
+    # Given an out-of-office reply sent to the bounce address / When parsed / Then no events
+    body = (b"From: a@example.org\r\nSubject: Away\r\n"
+            b"Date: Mon, 01 Jan 2024 00:00:00 +0000\r\n\r\nHi")
+    assert dsn.parse({}, body) == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"Content-Type: multipart/report; report-type=delivery-status; boundary=B\r\n\r\n--B--\r\n",
+        b"Content-Type: multipart/report; report-type=feedback-report; boundary=B\r\n\r\n--B--\r\n",
+    ],
+)
+def test_report_without_its_report_part_is_a_parse_error(body: bytes) -> None:
+    # Given a multipart/report missing the machine-readable part / When parsed / Then 400
+    with pytest.raises(ParseError):
+        dsn.parse({}, body)
+
+
+def test_deeply_nested_message_is_a_parse_error() -> None:
+    # Given thousands of nested multiparts, which exhaust the stdlib parser's recursion
+    body = b"".join(
+        b"Content-Type: multipart/mixed; boundary=a%d\r\n\r\n--a%d\r\n" % (i, i)
+        for i in range(3000)
+    )
+    # When parsed / Then it is a ParseError, not a RecursionError
+    with pytest.raises(ParseError):
+        dsn.parse({}, body)
+
+
+def test_same_report_twice_has_stable_event_ids(config: WebhookConfig) -> None:
+    # Given the same report posted twice / When handled twice / Then the ids match
+    body = fixture_bytes("dsn.eml")
+    first, second = (dsn.handle(AUTH, body, config, NOW) for _ in range(2))
+    assert [e.event_id for e in first] == [e.event_id for e in second]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": ""},
+        {"Authorization": "Bearer"},
+        {"Authorization": f"Bearer {TOKEN}x"},
+        {"Authorization": f"Bearer {TOKEN[:-1]}"},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": "Bearer ünïcode"},
+    ],
+)
+def test_wrong_or_missing_token_fails(config: WebhookConfig, headers: dict[str, str]) -> None:
+    # Given a wrong, malformed or missing bearer token / When handled / Then 401
+    with pytest.raises(VerificationFailed):
+        dsn.handle(headers, fixture_bytes("dsn.eml"), config, NOW)
+
+
+def test_token_scheme_and_header_name_are_case_insensitive(config: WebhookConfig) -> None:
+    # Given "authorization: bearer <token>" / When handled / Then it authenticates
+    assert dsn.handle({"authorization": f"bearer {TOKEN}"}, fixture_bytes("dsn.eml"), config,
+                      NOW)
+
+
+def test_unconfigured_is_refused() -> None:
+    # Given no MAILER_DSN_WEBHOOK_TOKEN / When a report arrives / Then NotConfigured (404)
+    with pytest.raises(NotConfigured):
+        dsn.handle(AUTH, fixture_bytes("dsn.eml"), WebhookConfig(), NOW)
+
+
+def test_body_over_five_mebibytes_is_refused(config: WebhookConfig) -> None:
+    # Given a report larger than the DSN limit / When handled / Then BodyTooLarge (413)
+    with pytest.raises(BodyTooLarge):
+        dsn.handle(AUTH, b"x" * (dsn.MAX_BODY + 1), config, NOW)
+
+
+@pytest.mark.parametrize("shape", ["attachment", "header", "blocks", "junk"])
+def test_one_megabyte_input_parses_or_is_refused(shape: str) -> None:
+    # Given about 1 MB shaped as a big attached original, one huge header field, thousands
+    # of recipient blocks, or plain junk
+    base = fixture_bytes("dsn.eml")
+    mb = 1024 * 1024
+    line = b"A" * 76 + b"\r\n"
+    if shape == "attachment":
+        body = base.replace(b"Message-ID: <msg-42@example.com>\r\n",
+                            b"Message-ID: <msg-42@example.com>\r\n\r\n" + line * (mb // 78))
+    elif shape == "header":
+        body = base.replace(b"Subject: Undelivered", b"Subject: " + b"x" * mb + b" Undelivered")
+    elif shape == "blocks":
+        block = b"Final-Recipient: rfc822; r@example.org\r\nAction: failed\r\nStatus: 5.1.1\r\n\r\n"
+        anchor = b"Final-Recipient: rfc822; full@example.org"
+        body = base.replace(anchor, block * (mb // len(block)) + anchor)
+    else:
+        body = bytes(range(256)) * (mb // 256)
+    assert len(body) >= mb * 0.9
+    # When parsed / Then it returns events or raises ParseError, nothing else
+    try:
+        events = dsn.parse({}, body)
+    except ParseError:
+        return
+    assert all(isinstance(e, WebhookEvent) for e in events)
