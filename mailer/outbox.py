@@ -49,7 +49,11 @@ def insert_messages(conn: Connection, rows: Sequence[Mapping[str, Any]], now: da
     """Insert message rows and their first event in bulk."""
     if not rows:
         return
-    conn.execute(insert(messages), list(rows))
+    # executemany builds the statement from the first row's keys and would silently drop
+    # a column only later rows carry: give every row the same keys.
+    keys = set().union(*(r.keys() for r in rows))
+    uniform = [r if len(r) == len(keys) else {k: r.get(k) for k in keys} for r in rows]
+    conn.execute(insert(messages), uniform)
     conn.execute(
         insert(message_events),
         [
