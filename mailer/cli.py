@@ -17,15 +17,15 @@ from mailer.config import Settings
 from mailer.errors import MailerError
 
 
-def _settings() -> Settings:
-    return Settings.from_environ()
+def _settings(require_secret: bool = True) -> Settings:
+    return Settings.from_environ(require_secret=require_secret)
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     """Apply migrations."""
     from mailer.db import upgrade
 
-    settings = _settings()
+    settings = _settings(require_secret=False)
     upgrade(settings.database_url, args.revision)
     print("database is at the latest schema", file=sys.stderr)
     return 0
@@ -36,7 +36,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     from mailer.db import make_engine
     from mailer.keys import create_key
 
-    engine = make_engine(_settings().database_url)
+    engine = make_engine(_settings(require_secret=False).database_url)
     with engine.begin() as conn:
         key = create_key(conn, args.name, args.scope)
     print(key)

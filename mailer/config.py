@@ -78,8 +78,14 @@ class Settings:
     dkim_private_key_file: str | None = None
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Read every ``MAILER_*`` variable once; raise :class:`ConfigError` on bad values."""
+    def from_environ(
+        cls, environ: Mapping[str, str] | None = None, *, require_secret: bool = True
+    ) -> Settings:
+        """Read every ``MAILER_*`` variable once; raise :class:`ConfigError` on bad values.
+
+        ``require_secret=False`` is for commands that never sign or hash with the key
+        (migrations, API key creation): they run without it outside development too.
+        """
         env = os.environ if environ is None else environ
 
         def get(name: str, default: str | None = None) -> str | None:
@@ -102,7 +108,7 @@ class Settings:
         mode = (get("ENV", "production") or "production").lower()
         secret = get("SECRET_KEY")
         if secret is None:
-            if mode not in ("development", "test"):
+            if mode not in ("development", "test") and require_secret:
                 raise ConfigError(
                     "MAILER_SECRET_KEY is required outside development "
                     "(set MAILER_ENV=development to use a throw-away key)"
