@@ -1,0 +1,156 @@
+"""Stored marketing templates: PUT/GET, refusal of sandbox escapes, bounded rendering."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+
+from tests.conftest import auth, unique_email
+
+SPRING = {
+    "category": "promotion", "topic": "newsletter", "subject": "{{ headline }}",
+    "html": "<p>Hello {{ name }}: {{ body }}</p>"
+            "{% for item in items %}<li>{{ loop.index }}. {{ item|upper }}</li>{% endfor %}",
+}
+
+
+def put(client: Any, key: str, name: str, **body: Any) -> Any:
+    return client.put(f"/v1/templates/{name}", json=body, headers=auth(key))
+
+
+def fresh_name() -> str:
+    return f"spring-{uuid.uuid4().hex[:8]}"
+
+
+def test_stored_template_round_trip(client: Any, keys: dict[str, str]) -> None:
+    name = fresh_name()
+    # When marketing stores a template, Then it is created with the names it reads
+    created = put(client, keys["marketing"], name, **SPRING)
+    assert created.status_code == 201, created.text
+    assert created.json()["version"] == 1
+    assert created.json()["variables"] == ["body", "headline", "items", "name"]
+    # And storing it again replaces it with a new version
+    changed = put(client, keys["marketing"], name, **{**SPRING, "text": "{{ body }}"})
+    assert changed.status_code == 200
+    assert changed.json()["version"] == 2
+    # And GET returns the sources
+    got = client.get(f"/v1/templates/{name}", headers=auth(keys["marketing"])).json()
+    assert (got["source"], got["text"], got["html"]) == ("stored", "{{ body }}", SPRING["html"])
+    # And file templates are described too
+    newsletter = client.get("/v1/templates/newsletter", headers=auth(keys["marketing"])).json()
+    assert newsletter["source"] == "file" and newsletter["topic"] == "newsletter"
+
+
+def test_stored_template_is_usable_by_name_and_escapes_html(
+    client: Any, keys: dict[str, str], runtime: Any
+) -> None:
+    from mailer.marketing_templates import StoredTemplates
+
+    name = fresh_name()
+    assert put(client, keys["marketing"], name, **SPRING).status_code == 201
+    # Given the lookup a worker installs in its catalogue
+    template = StoredTemplates(runtime.engine, ttl=0)(name)
+    assert template is not None
+    # When it renders caller data, Then HTML in the data is escaped (autoescape)
+    rendered = template.render({"headline": "Hi", "name": "<script>x</script>",
+                                "body": "B", "items": ["a", "b"]})
+    assert "&lt;script&gt;" in rendered.html and "<script>" not in rendered.html
+    assert "<li>2. B</li>" in rendered.html
+    assert rendered.text.startswith("Hello <script>x</script>: B")
+    # And after an update the lookup sees the new version
+    put(client, keys["marketing"], name, **{**SPRING, "subject": "New: {{ headline }}"})
+    updated = StoredTemplates(runtime.engine, ttl=0)(name)
+    assert updated is not None
+    assert updated.render({"headline": "Hi", "name": "A", "body": "B", "items": []}
+                          ).subject == "New: Hi"
+    # And the messages API finds it by name (a promotion without consent is suppressed)
+    r = client.post("/v1/messages", headers=auth(keys["marketing"]), json={
+        "template": name, "to": unique_email("stored"),
+        "data": {"headline": "H", "name": "N", "body": "B", "items": []}})
+    assert r.status_code == 202, r.text
+    assert (r.json()["category"], r.json()["status"], r.json()["reason"]) == \
+        ("promotion", "suppressed", "no_consent")
+
+
+@pytest.mark.parametrize("html", [
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ name.__class__ }}",
+    "{{ name|attr('__class__') }}",
+    "{{ name['__class__'] }}",
+    "{{ items|map('attr', 'x')|list }}",
+    "{{ items|sort(attribute='__class__') }}",
+    "{{ name.mro() }}",
+    "{{ '{0.__class__}'.format(name) }}",
+    "{{ 'a {}'.format(name) }}",
+    "{{ name|format(1) }}",
+    "{{ '%s' % name }}",
+    "{{ cycler.__init__.__globals__ }}",
+    "{{ self }}",
+    "{{ lipsum(1000000) }}",
+    "{{ 9 ** 9 ** 9 }}",
+    "{{ name.center(1000000000) }}",
+    "{{ name|center(1000000000) }}",
+    "{{ items|tojson(indent=1000000000) }}",
+    "{% for x in items recursive %}{{ loop(x) }}{% endfor %}",
+    "{% for a in items %}{% for b in items %}{% for c in items %}.{% endfor %}{% endfor %}"
+    "{% endfor %}",
+    "{% macro m() %}{{ m() }}{% endmacro %}{{ m() }}",
+    "{% set ns = namespace(a='x') %}",
+    "{% include 'secrets.html' %}",
+    "{% extends 'base.html' %}",
+    "{% autoescape false %}{{ name }}{% endautoescape %}",
+])
+def test_templates_that_reach_for_internals_are_refused(
+    client: Any, keys: dict[str, str], html: str
+) -> None:
+    name = fresh_name()
+    # When a template reaching for Python internals or unbounded work is stored
+    r = put(client, keys["marketing"], name, **{**SPRING, "html": html})
+    # Then it is a 422 naming the problem, and nothing is stored
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "unsafe_template"
+    assert r.json()["error"]["details"]["problems"]
+    assert client.get(f"/v1/templates/{name}", headers=auth(keys["marketing"])
+                      ).status_code == 404
+
+
+@pytest.mark.parametrize(("html", "data"), [
+    # Each passes the checks on save; the render budget stops it at once.
+    ("{{ name * 100000000 }}", {"name": "x"}),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", {}),
+    ("{% for a in items %}{% for b in items %}{% endfor %}{% endfor %}",
+     {"items": list(range(100_000))}),
+    ("{% for i in range(50000) %}{{ body }}{% endfor %}", {"body": "y" * 1000}),
+    ("{{ range(100000000)|list|length }}", {}),
+])
+def test_render_time_and_size_are_bounded(html: str, data: dict[str, Any]) -> None:
+    from mailer.errors import TemplateError
+    from mailer.marketing_templates import StoredTemplate
+
+    template = StoredTemplate("bounded", "newsletter", "s", html, None)
+    with pytest.raises(TemplateError) as caught:
+        template.render(data)
+    assert caught.value.code == "template_limit"
+
+
+@pytest.mark.parametrize(("name", "change", "status", "code"), [
+    (None, {"category": "service_alert"}, 422, "invalid_category"),
+    (None, {"topic": "no_such_topic"}, 422, "unknown_topic"),
+    (None, {"html": "{% if %}"}, 422, "template_error"),
+    (None, {"html": "x" * 300_000}, 422, "validation_error"),
+    ("Bad Name!", {}, 422, "invalid_name"),
+    ("newsletter", {}, 409, "file_template"),
+])
+def test_bad_templates_are_refused(client: Any, keys: dict[str, str], name: str | None,
+                                   change: dict[str, Any], status: int, code: str) -> None:
+    r = put(client, keys["marketing"], name or fresh_name(), **{**SPRING, **change})
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code
+
+
+def test_storing_templates_needs_the_marketing_scope(client: Any, keys: dict[str, str]) -> None:
+    r = put(client, keys["transactional"], fresh_name(), **SPRING)
+    assert r.status_code == 403
+    assert client.put(f"/v1/templates/{fresh_name()}", json=SPRING).status_code == 401
