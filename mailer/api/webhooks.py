@@ -1,0 +1,88 @@
+"""``POST /webhooks/<provider>``: verify on the raw body, normalise, apply idempotently."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import insert
+
+from mailer.api.deps import runtime
+from mailer.api.errors import error_response
+from mailer.bounces import DatabaseSeenTokens, EventApplier
+from mailer.runtime import Runtime
+from mailer.schema import sns_subscriptions
+from mailer.webhooks import (
+    BodyTooLarge,
+    NotConfigured,
+    ParseError,
+    SnsSubscription,
+    VerificationFailed,
+    WebhookConfig,
+    WebhookError,
+    body_limit,
+    source,
+)
+
+router = APIRouter(tags=["webhooks"])
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The raw body, or None once it grows past ``limit`` (we stop reading there)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _config(rt: Runtime, request: Request) -> WebhookConfig:
+    cached: WebhookConfig | None = getattr(request.app.state, "webhook_config", None)
+    if cached is None:
+        cached = WebhookConfig.from_settings(rt.settings, seen_tokens=DatabaseSeenTokens(rt))
+        request.app.state.webhook_config = cached
+    return cached
+
+
+@router.post("/webhooks/{provider}")
+async def receive(
+    provider: str, request: Request, rt: Annotated[Runtime, Depends(runtime)]
+) -> JSONResponse:
+    """Answer 200 with what was applied; 401 bad signature, 400 unparseable, 404 unknown."""
+    try:
+        handler = source(provider, _config(rt, request))
+    except NotConfigured as exc:
+        return error_response(404, "not_configured", str(exc))
+    body = await _read_body(request, body_limit(provider))
+    if body is None:
+        return error_response(413, "payload_too_large", "the body is too large")
+    try:
+        result = handler.handle(request.headers, body, _config(rt, request), rt.clock())
+    except VerificationFailed:
+        # Say nothing about which check failed: that would help a forger.
+        return error_response(401, "verification_failed", "the request could not be verified")
+    except BodyTooLarge:
+        return error_response(413, "payload_too_large", "the body is too large")
+    except ParseError as exc:
+        return error_response(400, "unparseable", str(exc)[:200])
+    except WebhookError as exc:
+        # e.g. CertificateUnavailable is a 503, so SNS retries later.
+        status = int(getattr(exc, "status", 400))
+        return error_response(status, "webhook_error", str(exc)[:200])
+    if isinstance(result, SnsSubscription):
+        # Recorded, never visited automatically: confirming is an operator's decision.
+        with rt.engine.begin() as conn:
+            conn.execute(insert(sns_subscriptions).values(
+                kind=result.kind, topic_arn=result.topic_arn,
+                subscribe_url=result.subscribe_url, received_at=rt.clock()))
+        return JSONResponse({"recorded": result.kind})
+    report = EventApplier(rt).apply(result)
+    body_out: dict[str, Any] = {"applied": report.applied, "duplicates": report.duplicates}
+    return JSONResponse(body_out)
