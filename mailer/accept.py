@@ -168,11 +168,17 @@ class Acceptor:
                 else:
                     status = "queued"
                     queued.append(row_id)
+                # An erased person's address is not written down again, not even on the
+                # row that records why we did not send to it.
+                erased = decision.reason is not None and decision.reason.value == "erased"
                 rows.append({
                     "id": row_id, "api_key_id": key.id, "category": p.category.value,
                     "template": p.template.name, "topic": p.topic,
-                    "recipient_id": p.recipient_id, "to_email": p.email, "to_name": req.name,
-                    "to_hash": p.to_hash, "data": dict(req.data), "status": status,
+                    "recipient_id": p.recipient_id,
+                    "to_email": None if erased else p.email,
+                    "to_name": None if erased else req.name,
+                    "to_hash": p.to_hash, "data": None if erased else dict(req.data),
+                    "status": status,
                     "reason": decision.reason.value if decision.reason else None,
                     "attempts": 0, "message_id_header": message_id, "created_at": now,
                     "updated_at": now, "send_at": req.send_at,

@@ -67,6 +67,85 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 1 if "error" in result else 0
 
 
+def cmd_suppressions_import(args: argparse.Namespace) -> int:
+    """Import a suppression CSV; bad rows are listed by line, good rows are kept."""
+    from mailer.runtime import Runtime
+    from mailer.suppression_csv import import_csv
+
+    rt = Runtime.from_settings(_settings())
+    report = import_csv(rt, Path(args.file), source=args.source)
+    for line, message in report.errors:
+        print(f"line {line}: {message}", file=sys.stderr)
+    if report.bad > len(report.errors):
+        print(f"... and {report.bad - len(report.errors)} more bad rows", file=sys.stderr)
+    print(f"{report.added} added, {report.existing} already present, {report.bad} bad rows",
+          file=sys.stderr)
+    return 1 if report.bad else 0
+
+
+def cmd_suppressions_export(args: argparse.Namespace) -> int:
+    """Write the whole suppression list as CSV (``-`` for stdout)."""
+    from mailer.runtime import Runtime
+    from mailer.suppression_csv import export_csv
+
+    rt = Runtime.from_settings(_settings())
+    written = export_csv(rt, args.file)
+    print(f"{written} entries exported", file=sys.stderr)
+    return 0
+
+
+def cmd_campaign_status(args: argparse.Namespace) -> int:
+    """Show a campaign's progress and counts; ``--watch`` keeps a live bar until it ends."""
+    from typing import Any
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from mailer import campaigns
+    from mailer.db import make_engine
+
+    engine = make_engine(_settings(require_secret=False).database_url)
+
+    def snapshot() -> dict[str, Any]:
+        with engine.connect() as conn:
+            row = campaigns.get(conn, args.id)
+            return campaigns.view(row, campaigns.counts(conn, [row])[row.id])
+
+    def progress_of(view: dict[str, Any]) -> tuple[int, int, str]:
+        counts = view["counts"]
+        done = sum(counts[k] for k in ("sent", "suppressed", "failed", "bounced",
+                                        "complained", "unknown", "cancelled"))
+        detail = ", ".join(f"{k} {counts[k]}" for k in (
+            "sent", "queued", "held", "suppressed", "failed", "bounced", "complained",
+            "unsubscribed") if counts[k] or k in ("sent", "queued"))
+        return done, max(counts["audience"], done), f"{view['status']} - {detail}"
+
+    view = snapshot()
+    if args.json:
+        print(json.dumps(view, indent=2))
+        return 0
+    console = Console()
+    columns = (TextColumn(f"[bold]{view['name'][:40]}[/]"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.description}"))
+    with Progress(*columns, console=console, auto_refresh=False) as progress:
+        done, total, text = progress_of(view)
+        task = progress.add_task(text, total=total, completed=done)
+        progress.refresh()
+        try:
+            while args.watch and view["status"] not in campaigns.FINISHED:
+                time.sleep(args.interval)
+                view = snapshot()
+                done, total, text = progress_of(view)
+                progress.update(task, completed=done, total=total, description=text)
+                progress.refresh()
+        except KeyboardInterrupt:
+            pass
+    reasons = view["suppressed_by_reason"]
+    if reasons:
+        console.print("suppressed by reason: " + ", ".join(f"{k} {v}" for k, v in reasons.items()))
+    return 0
+
+
 def cmd_sink(args: argparse.Namespace) -> int:
     """Run the capturing SMTP sink in the foreground."""
     from mailer.sink import run_sink
@@ -151,6 +230,25 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--topic")
     send.add_argument("--send-at", help="ISO 8601 time with zone")
     send.set_defaults(func=cmd_send)
+
+    supp = sub.add_parser("suppressions", help="suppression list as CSV").add_subparsers(
+        dest="suppressions", required=True)
+    imp = supp.add_parser("import", help="add entries from a CSV (header: email,scope,reason,...)")
+    imp.add_argument("file")
+    imp.add_argument("--source", default="import", help="source recorded on rows without one")
+    imp.set_defaults(func=cmd_suppressions_import)
+    exp = supp.add_parser("export", help="write every entry as CSV ('-' for stdout)")
+    exp.add_argument("file")
+    exp.set_defaults(func=cmd_suppressions_export)
+
+    campaign = sub.add_parser("campaign", help="campaigns").add_subparsers(
+        dest="campaign", required=True)
+    status = campaign.add_parser("status", help="progress and counts of one campaign")
+    status.add_argument("id")
+    status.add_argument("--watch", action="store_true", help="live progress bar until it ends")
+    status.add_argument("--interval", type=float, default=1.0, help="seconds between updates")
+    status.add_argument("--json", action="store_true", help="print the API's view as JSON")
+    status.set_defaults(func=cmd_campaign_status)
 
     sink = sub.add_parser("sink", help="local capturing SMTP server storing .eml files")
     sink.add_argument("--host", default="127.0.0.1")

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from sqlalchemy import Row, select
 
+from mailer.campaigns import send_context
 from mailer.errors import MailerError
+from mailer.marketing_templates import install as install_stored_templates
 from mailer.mime import Envelope, MessageBuilder
 from mailer.outbox import Outcome, claim, finish
 from mailer.recipients import add_suppression
@@ -83,6 +85,8 @@ class Dispatcher:
         self.builder = builder
         self.retry_base = retry_base
         self.slice_size = slice_size
+        # Campaigns may name templates stored through the API (issue 5).
+        install_stored_templates(runtime)
 
     def run(self, ids: Sequence[str]) -> Report:
         """Claim, decide, send and record the given messages."""
@@ -103,6 +107,9 @@ class Dispatcher:
                     )
                 )
             }
+            # Campaign messages: the campaign's state and shared variables (issue 5).
+            campaign = send_context(conn, sorted({r.campaign_id for r in rows if r.campaign_id}))
+            shared = {key: context.data for key, context in campaign.items()}
             targets = [
                 Target(
                     key=r.id, category=Category(r.category), topic=r.topic,
@@ -116,6 +123,11 @@ class Dispatcher:
             early: list[Outcome] = []
             to_send: list[Row[Any]] = []
             for row, target in zip(rows, targets, strict=True):
+                stop = campaign[row.campaign_id].stop() if row.campaign_id in campaign else None
+                if stop is not None:
+                    # Paused or cancelled since it was queued: held or cancelled, not sent.
+                    early.append(Outcome(row.id, stop[0], reason=stop[1]))
+                    continue
                 if row.attempts > settings.max_attempts:
                     # Our own counter: a SIGKILLed worker skips dramatiq's retry counting,
                     # so a message that kills its worker would otherwise loop forever.
@@ -144,11 +156,13 @@ class Dispatcher:
         # Record after every slice, not once per chunk: a worker killed between a 250 and
         # our commit resends what it had not recorded, so the slice bounds the duplicates.
         for start in range(0, len(to_send), self.slice_size):
-            self._send_slice(to_send[start : start + self.slice_size], topic_info, report)
+            self._send_slice(to_send[start : start + self.slice_size], topic_info, report,
+                             shared)
         return report
 
     def _send_slice(
-        self, to_send: list[Row[Any]], topic_info: dict[str, Any], report: Report
+        self, to_send: list[Row[Any]], topic_info: dict[str, Any], report: Report,
+        shared: Mapping[str, Mapping[str, Any]],
     ) -> None:
         now = self.rt.clock()
         envelopes: list[Envelope] = []
@@ -156,7 +170,7 @@ class Dispatcher:
         failed_render: list[Outcome] = []
         for row in to_send:
             try:
-                envelopes.append(self._build(row, topic_info, now))
+                envelopes.append(self._build(row, topic_info, now, shared))
                 sendable.append(row)
             except MailerError as exc:
                 # The template changed since acceptance and no longer renders: permanent.
@@ -202,9 +216,14 @@ class Dispatcher:
         return Outcome(row.id, "deferred", smtp_code=code, smtp_response=text,
                        next_attempt_at=retry_at)
 
-    def _build(self, row: Row[Any], topic_info: dict[str, Any], now: datetime) -> Envelope:
+    def _build(self, row: Row[Any], topic_info: dict[str, Any], now: datetime,
+               shared: Mapping[str, Mapping[str, Any]]) -> Envelope:
         template = self.rt.catalogue.get(row.template)
-        rendered: Rendered = template.render(row.data or {})
+        data = row.data or {}
+        if row.campaign_id:
+            # The campaign's data first; the recipient's profile fields win over it.
+            data = {**shared.get(row.campaign_id, {}), **data}
+        rendered: Rendered = template.render(data)
         extra: list[tuple[str, str]] = []
         if row.category == Category.PROMOTION.value:
             rendered, extra = self._promotion_parts(row, rendered, topic_info[row.topic])

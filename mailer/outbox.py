@@ -20,6 +20,8 @@ from mailer.schema import message_events, messages
 STATUSES = (
     "queued", "scheduled", "sending", "sent", "suppressed", "deferred", "failed", "unknown",
     "bounced", "complained", "cancelled",
+    # a paused campaign's message, waiting for resume
+    "held",
 )
 #: States a message never leaves on its own.
 FINAL = frozenset({"sent", "suppressed", "failed", "unknown", "bounced", "complained", "cancelled"})
@@ -73,10 +75,14 @@ def claim(
     """
     if not ids:
         return []
+    # The id list must drive the lookup. A bare status comparison lets SQLite (without
+    # table statistics) plan a multi-index OR over ix_messages_status_updated, visiting
+    # every queued row of the backlog on each claim; "|| ''" keeps it to the primary key.
+    status = messages.c.status.concat("")
     claimable = or_(
-        messages.c.status == "queued",
-        and_(messages.c.status == "deferred", messages.c.next_attempt_at <= now),
-        and_(messages.c.status == "sending", messages.c.lease_until < now),
+        status == "queued",
+        and_(status == "deferred", messages.c.next_attempt_at <= now),
+        and_(status == "sending", messages.c.lease_until < now),
     )
     statement = (
         update(messages)

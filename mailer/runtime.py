@@ -40,7 +40,10 @@ class Runtime:
         self.signer = TokenSigner(self.settings.secret_key, self.settings.old_secret_keys)
         _, sender = parse_sender(self.settings.mail_from)
         self.mail_domain = sender.rpartition("@")[2] or "localhost"
-        self._hash_key = self.settings.secret_key.encode()
+        # Address hashes are lookup keys stored in every suppression: they must not change
+        # when the signing key rotates, so they stay keyed by the oldest key in use.
+        oldest = (*self.settings.old_secret_keys, self.settings.secret_key)[0]
+        self._hash_key = oldest.encode()
 
     @classmethod
     def from_settings(cls, settings: Settings, enqueuer: Enqueuer | None = None) -> Runtime:

@@ -81,6 +81,9 @@ recipients = Table(
     Column("account_active", Boolean, nullable=False, default=True),
     Column("created_at", UtcDateTime, nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
+    # SQLite would otherwise hand an erased person's id to the next registration, and the
+    # unsubscribe links in their old mail (which name the id) would act on someone else.
+    sqlite_autoincrement=True,
 )
 
 topics = Table(
@@ -181,3 +184,126 @@ idempotency_keys = Table(
     UniqueConstraint("api_key_id", "key", name="uq_idempotency_keys_key"),
 )
 
+# --- webhooks (issue 4) -------------------------------------------------------------------
+
+# One row per provider event applied: the unique key makes a redelivered event a no-op.
+webhook_events = Table(
+    "webhook_events",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("provider", String(20), nullable=False),
+    Column("event_id", String(200), nullable=False),
+    Column("type", String(20), nullable=False),
+    Column("message_id", String(32)),
+    Column("received_at", UtcDateTime, nullable=False),
+    UniqueConstraint("provider", "event_id", name="uq_webhook_events_provider_event"),
+)
+
+# Mailgun tokens already accepted: a token is never accepted twice (replay protection).
+seen_tokens = Table(
+    "seen_tokens",
+    metadata,
+    Column("token", String(200), primary_key=True),
+    Column("expires_at", UtcDateTime, nullable=False, index=True),
+)
+
+soft_bounces = Table(
+    "soft_bounces",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("email_hash", String(64), nullable=False),
+    Column("occurred_at", UtcDateTime, nullable=False),
+    Index("ix_soft_bounces_hash_time", "email_hash", "occurred_at"),
+)
+
+sns_subscriptions = Table(
+    "sns_subscriptions",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("kind", String(40), nullable=False),
+    Column("topic_arn", String(300), nullable=False),
+    Column("subscribe_url", String(2000), nullable=False),
+    Column("received_at", UtcDateTime, nullable=False),
+)
+
+# --- the recipient's side (issue 3) ------------------------------------------------------
+
+# Double opt-in (SPEC 3): a self-service grant for a topic marked ``double_opt_in`` waits
+# here until the recipient confirms from the link mailed to them; only then does the
+# ledger get a grant (source ``double_opt_in``). Erasure deletes these rows.
+consent_requests = Table(
+    "consent_requests",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("recipient_id", Integer, ForeignKey("recipients.id", ondelete="CASCADE"),
+           nullable=False),
+    Column("topic", String(100), nullable=False),
+    Column("source", String(40), nullable=False),
+    Column("policy_version", String(40), nullable=False),
+    Column("evidence", JSON),
+    Column("requested_at", UtcDateTime, nullable=False),
+    Column("recorded_at", UtcDateTime, nullable=False),
+    Column("confirmed_at", UtcDateTime),
+    Column("message_id", String(32)),
+    Index("ix_consent_requests_recipient_topic", "recipient_id", "topic"),
+)
+
+# --- campaigns (issue 5) -----------------------------------------------------------------
+
+# One row per campaign. The row is also the fan-out's checkpoint: ``last_recipient_id`` is
+# the keyset cursor, advanced by compare-and-set in the same transaction that writes a
+# batch's messages, so a restarted (or second) scheduler resumes without duplicating.
+campaigns = Table(
+    "campaigns",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("template", String(100), nullable=False),
+    Column("topic", String(100), nullable=False),
+    Column("data", JSON, nullable=False),
+    Column("audience", JSON),
+    Column("send_at", UtcDateTime, nullable=False),
+    Column("rate_per_minute", Integer),
+    Column("status", String(20), nullable=False),
+    # Set when the scheduler first saw it past MAILER_CAMPAIGN_MAX_LATENESS (SPEC 9).
+    Column("late", Boolean, nullable=False, default=False),
+    # Set by an explicit resume: start even though send_at is long past.
+    Column("allow_late", Boolean, nullable=False, default=False),
+    Column("api_key_id", Integer),
+    Column("last_recipient_id", Integer, nullable=False, default=0),
+    Column("max_recipient_id", Integer),
+    Column("audience_count", Integer),
+    Column("written", Integer, nullable=False, default=0),
+    Column("next_batch_at", UtcDateTime),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    Column("started_at", UtcDateTime),
+    Column("paused_at", UtcDateTime),
+    Column("fanned_out_at", UtcDateTime),
+    Column("finished_at", UtcDateTime),
+    Index("ix_campaigns_status_send_at", "status", "send_at"),
+)
+
+# Marketing templates stored through PUT /v1/templates/{name}; file templates win a name.
+marketing_templates = Table(
+    "marketing_templates",
+    metadata,
+    Column("name", String(100), primary_key=True),
+    Column("category", String(40), nullable=False),
+    Column("topic", String(100), nullable=False),
+    Column("subject", Text, nullable=False),
+    Column("html", Text, nullable=False),
+    Column("text", Text),
+    Column("variables", JSON, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("api_key_id", Integer),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+
+# One message per address per campaign, enforced by the database as well as the fan-out;
+# NULL campaign ids (single sends) and erased (NULL) hashes never collide.
+Index("uq_messages_campaign_to_hash", messages.c.campaign_id, messages.c.to_hash, unique=True)
+# Campaign counts (GROUP BY status, reason) and the "anything left?" check read only this.
+Index("ix_messages_campaign_status", messages.c.campaign_id, messages.c.status,
+      messages.c.reason)

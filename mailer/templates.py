@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,13 +139,18 @@ class Catalogue:
             if not child.name.startswith("_") and (child / "template.toml").is_file():
                 self._templates[child.name] = load_file_template(child)
         self.footer = Footer(folder / "_system")
+        #: Asked for names no file template has: the stored marketing templates, wired by
+        #: ``mailer.marketing_templates.install``. File templates always win a name.
+        self.fallback: Callable[[str], Template | None] | None = None
 
     def get(self, name: str) -> Template:
         """The named template, or :class:`TemplateError` (a 422) when unknown."""
-        try:
-            return self._templates[name]
-        except KeyError:
-            raise TemplateError(f"unknown template {name!r}", code="unknown_template") from None
+        template = self._templates.get(name)
+        if template is None and self.fallback is not None:
+            template = self.fallback(name)
+        if template is None:
+            raise TemplateError(f"unknown template {name!r}", code="unknown_template")
+        return template
 
     def add(self, template: Template) -> None:
         """Register a template stored elsewhere (marketing templates in the database)."""

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -139,12 +140,21 @@ class WorkerProcess:
     def __init__(self, env: dict[str, str], processes: int = 1, threads: int = 4,
                  extra_args: tuple[str, ...] = ()) -> None:
         full = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dramatiq", "workers.actors", "--processes", str(processes),
-             "--threads", str(threads), *extra_args],
-            cwd=ROOT, env=full, start_new_session=True,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
+        # A file, not a pipe: nobody reads a pipe while tests run, and a full pipe buffer
+        # would block the worker mid-suite.
+        fd, name = tempfile.mkstemp(prefix="mailer-worker-", suffix=".log")
+        self.log_path = Path(name)
+        with os.fdopen(fd, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "dramatiq", "workers.actors", "--processes",
+                 str(processes), "--threads", str(threads), *extra_args],
+                cwd=ROOT, env=full, start_new_session=True,
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+
+    def log_text(self) -> str:
+        """Everything the worker printed so far."""
+        return self.log_path.read_text(errors="replace")
 
     def kill(self) -> None:
         """SIGKILL the whole worker process group (parent and forked children)."""
@@ -153,12 +163,16 @@ class WorkerProcess:
         self.proc.wait(timeout=10)
 
     def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it does not go."""
+        """SIGTERM to the dramatiq parent only (it forwards it), then SIGKILL if need be.
+
+        Signalling the whole group would hand each child the signal twice, and a second
+        SIGTERM makes dramatiq's workers exit hard in the middle of a batch.
+        """
         if self.proc.poll() is None:
             try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=15)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
+                self.proc.terminate()
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
                 self.kill()
 
 

@@ -14,7 +14,7 @@ from tests.conftest import ROOT, unique_email
 
 def mailer(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
-    return subprocess.run(  # noqa: S603
+    return subprocess.run(
         [sys.executable, "-m", "mailer.cli", *args], cwd=ROOT, text=True,
         capture_output=True, timeout=60, env={**clean, "PYTHONPATH": str(ROOT), **env},
     )

@@ -10,10 +10,13 @@ from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from mailer.api import errors, messages, operations, recipients
+from mailer.api import campaigns as campaigns_api
+from mailer.api import errors, messages, operations, public, recipients, suppressions, webhooks
+from mailer.api import templates as templates_api
 from mailer.api.deps import runtime, scoped
 from mailer.config import Settings
 from mailer.keys import ApiKey
+from mailer.marketing_templates import install as install_stored_templates
 from mailer.runtime import Runtime
 
 #: Largest request body we read; a batch of 1000 messages fits comfortably.
@@ -27,6 +30,8 @@ def create_app(rt: Runtime | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if getattr(app.state, "runtime", None) is None:
             app.state.runtime = Runtime.from_settings(Settings.from_environ())
+        # Stored marketing templates are found by name like file ones (issue 5).
+        install_stored_templates(app.state.runtime)
         yield
 
     app = FastAPI(title="mailer", version="0.1.0", lifespan=lifespan)
@@ -46,6 +51,11 @@ def create_app(rt: Runtime | None = None) -> FastAPI:
     app.include_router(messages.router)
     app.include_router(recipients.router)
     app.include_router(operations.router)
+    app.include_router(webhooks.router)
+    app.include_router(suppressions.router)
+    app.include_router(public.router)
+    app.include_router(campaigns_api.router)
+    app.include_router(templates_api.router)
 
     @app.get("/healthz", tags=["operations"])
     def healthz() -> dict[str, str]:

@@ -5,15 +5,18 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import insert, select, update
 
 from mailer.api.deps import runtime, scoped
+from mailer.erasure import erase
 from mailer.errors import InvalidAddress, ValidationFailed
+from mailer.export import export_recipient
 from mailer.headers import check_header_value
 from mailer.keys import ApiKey
+from mailer.optin import DoubleOptIn
 from mailer.recipients import (
     Address,
     get_recipient,
@@ -128,9 +131,30 @@ def get_recipient_view(external_id: str, key: RecipientsKey, rt: Rt) -> dict[str
         }
 
 
-@router.post("/v1/recipients/{external_id}/consents", status_code=201)
-def post_consent(external_id: str, body: ConsentIn, key: RecipientsKey, rt: Rt) -> dict[str, Any]:
-    """Append a grant or revoke; 409 ``consent_conflict`` for a silent re-subscription."""
+@router.delete("/v1/recipients/{external_id}", status_code=204)
+def delete_recipient(external_id: str, key: RecipientsKey, rt: Rt) -> Response:
+    """Erase the recipient (SPEC 3): keyed-hash ``erased`` suppression, pseudonymised ledger."""
+    erase(rt, external_id)
+    return Response(status_code=204)
+
+
+@router.get("/v1/recipients/{external_id}/export")
+def export_recipient_view(external_id: str, key: RecipientsKey, rt: Rt) -> dict[str, Any]:
+    """Everything held about the recipient, as JSON (the right of access)."""
+    with rt.engine.connect() as conn:
+        return export_recipient(conn, external_id)
+
+
+@router.post("/v1/recipients/{external_id}/consents", status_code=201, response_model=None)
+def post_consent(
+    external_id: str, body: ConsentIn, key: RecipientsKey, rt: Rt
+) -> dict[str, Any] | JSONResponse:
+    """Append a grant or revoke; 409 ``consent_conflict`` for a silent re-subscription.
+
+    A self-service grant for a ``double_opt_in`` topic is not a ledger grant yet: the 201
+    body says ``"status": "pending"`` (a consent request was created) until the person
+    confirms from the mail sent to them (SPEC 3).
+    """
     now = rt.clock()
     occurred = body.occurred_at or now
     if occurred.tzinfo is None:
@@ -138,6 +162,19 @@ def post_consent(external_id: str, body: ConsentIn, key: RecipientsKey, rt: Rt) 
     occurred = occurred.astimezone(UTC)
     if occurred > now:
         raise ValidationFailed("occurred_at is in the future")
+    if body.granted:
+        pending = DoubleOptIn(rt).request(
+            external_id, body.topic, body.source,
+            body.policy_version or rt.settings.policy_version, occurred, body.evidence,
+        )
+        if pending is not None:
+            return JSONResponse(
+                {"id": None, "request_id": pending.request_id, "status": "pending",
+                 "topic": body.topic, "granted": True, "source": body.source,
+                 "occurred_at": _iso(occurred), "confirmation": pending.confirmation,
+                 "confirmation_message_id": pending.message_id},
+                status_code=201,
+            )
     with rt.engine.begin() as conn:
         row = get_recipient(conn, external_id)
         event_id = record_consent(

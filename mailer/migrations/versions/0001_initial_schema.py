@@ -56,6 +56,8 @@ def upgrade() -> None:
         sa.Column("updated_at", sa.DateTime(), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_recipients")),
         sa.UniqueConstraint("external_id", name=op.f("uq_recipients_external_id")),
+        # Never reuse an id: tokens in old mail name recipients by id (see schema.py).
+        sqlite_autoincrement=True,
     )
     with op.batch_alter_table("recipients", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_recipients_email_hash"), ["email_hash"], unique=False)
