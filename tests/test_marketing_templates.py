@@ -154,3 +154,19 @@ def test_storing_templates_needs_the_marketing_scope(client: Any, keys: dict[str
     r = put(client, keys["transactional"], fresh_name(), **SPRING)
     assert r.status_code == 403
     assert client.put(f"/v1/templates/{fresh_name()}", json=SPRING).status_code == 401
+
+
+def test_listing_shows_file_and_stored_templates(client: Any, keys: dict[str, str]) -> None:
+    # Given a stored marketing template
+    name = fresh_name()
+    assert put(client, keys["marketing"], name, **SPRING).status_code == 201
+    # When templates are listed
+    listed = client.get("/v1/templates", headers=auth(keys["marketing"]))
+    assert listed.status_code == 200
+    by_name = {t["name"]: t for t in listed.json()["templates"]}
+    # Then the shipped file templates and the stored one are both there
+    assert {"registration_confirmation", "service_alert", "legal_notice",
+            "consent_confirmation", "newsletter"} <= set(by_name)
+    assert by_name["newsletter"]["source"] == "file"
+    assert by_name["registration_confirmation"]["required"] == ["name", "confirm_url"]
+    assert (by_name[name]["source"], by_name[name]["topic"]) == ("stored", "newsletter")

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
+from sqlalchemy import select, text
 
 from mailer.api import campaigns as campaigns_api
 from mailer.api import errors, messages, operations, public, recipients, suppressions, webhooks
@@ -18,6 +18,7 @@ from mailer.config import Settings
 from mailer.keys import ApiKey
 from mailer.marketing_templates import install as install_stored_templates
 from mailer.runtime import Runtime
+from mailer.schema import marketing_templates
 
 #: Largest request body we read; a batch of 1000 messages fits comfortably.
 MAX_BODY_BYTES = 10 * 1024 * 1024
@@ -84,11 +85,24 @@ def create_app(rt: Runtime | None = None) -> FastAPI:
                                               "messages:legal"))],
         rt: Annotated[Runtime, Depends(runtime)],
     ) -> dict[str, Any]:
-        """Every template with its category, topic and required variables."""
-        return {"templates": [
+        """Every file template, then every stored marketing template."""
+        listed = [
             {"name": t.name, "category": t.category.value, "topic": t.topic,
-             "description": t.description, "required": list(t.required)}
+             "description": t.description, "required": list(t.required), "source": "file"}
             for t in rt.catalogue
-        ]}
+        ]
+        files = {t["name"] for t in listed}
+        with rt.engine.connect() as conn:
+            stored = conn.execute(
+                select(marketing_templates.c.name, marketing_templates.c.category,
+                       marketing_templates.c.topic, marketing_templates.c.version)
+                .order_by(marketing_templates.c.name)
+            )
+            listed += [
+                {"name": r.name, "category": r.category, "topic": r.topic, "description": "",
+                 "required": [], "source": "stored", "version": r.version}
+                for r in stored if r.name not in files  # a file template wins a name clash
+            ]
+        return {"templates": listed}
 
     return app
