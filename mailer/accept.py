@@ -117,7 +117,9 @@ class Acceptor:
             raise InvalidAddress(f"invalid recipient address: {exc}") from None
         if req.name is not None:
             check_header_value("to.name", req.name)
-        rendered = template.render(req.data)
+        # Render now so a missing variable is a 422 here, never a failure in the worker;
+        # the worker renders again (with the text part) when it builds the message.
+        rendered = template.render(req.data, derive_text=False)
         check_header_value("subject", rendered.subject)
         return _Prepared(index, req, template, category, topic, address.email, address.hash)
 

@@ -310,7 +310,7 @@ class StoredTemplate(Template):
                        check_part("text", text) if text is not None else None)
         self.variables = frozenset().union(*(p.variables for p in self._parts if p))
 
-    def render(self, data: Mapping[str, Any]) -> Rendered:
+    def render(self, data: Mapping[str, Any], *, derive_text: bool = True) -> Rendered:
         """Render all parts within the budget; :class:`TemplateError` when it is exceeded."""
         subject_part, html_part, text_part = self._parts
         _budget.reset(time.monotonic() + MAX_RENDER_SECONDS)
@@ -320,7 +320,7 @@ class StoredTemplate(Template):
             if text_part is not None:
                 text, spent = _render(text_part.template, data, spent)
             else:
-                text = html_to_text(html)
+                text = html_to_text(html) if derive_text else ""
         except SecurityError as exc:
             raise TemplateError(f"template {self.name!r} exceeded its limits: {exc}",
                                 code="template_limit") from None
