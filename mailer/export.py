@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, and_, or_, select
 
-from mailer.recipients import get_recipient, ledger, preferences, suppression_rows
 from mailer.schema import consent_requests, message_events, messages
-from suppression.consent import THIRD_PARTY_SHARING
+from mailer.views import iso, profile, recipient_view
 
 #: Bumped when the shape of the export changes, so a reader can tell versions apart.
 EXPORT_FORMAT = 1
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat().replace("+00:00", "Z") if value else None
 
 
 def _messages(conn: Connection, recipient_id: int, email_hash: str) -> list[dict[str, Any]]:
@@ -35,14 +29,14 @@ def _messages(conn: Connection, recipient_id: int, email_hash: str) -> list[dict
             .where(message_events.c.message_id.in_(ids[start:start + 500]))
             .order_by(message_events.c.at, message_events.c.id)
         ):
-            events[e.message_id].append({"at": _iso(e.at), "type": e.type, "detail": e.detail})
+            events[e.message_id].append({"at": iso(e.at), "type": e.type, "detail": e.detail})
     return [
         {
             "id": r.id, "category": r.category, "template": r.template, "topic": r.topic,
             "to_email": r.to_email, "to_name": r.to_name, "data": r.data,
             "status": r.status, "reason": r.reason, "attempts": r.attempts,
-            "message_id": r.message_id_header, "created_at": _iso(r.created_at),
-            "sent_at": _iso(r.sent_at), "smtp_response": r.smtp_response,
+            "message_id": r.message_id_header, "created_at": iso(r.created_at),
+            "sent_at": iso(r.sent_at), "smtp_response": r.smtp_response,
             "events": events.get(r.id, []),
         }
         for r in rows
@@ -51,34 +45,15 @@ def _messages(conn: Connection, recipient_id: int, email_hash: str) -> list[dict
 
 def export_recipient(conn: Connection, external_id: str) -> dict[str, Any]:
     """Profile, preferences, suppressions, full ledger, pending opt-ins and messages."""
-    person = get_recipient(conn, external_id)
-    prefs = preferences(conn, person.id)
-    sharing = prefs.pop(THIRD_PARTY_SHARING)
+    person, held = recipient_view(conn, external_id)
     return {
         "format": EXPORT_FORMAT,
-        "profile": {
-            "external_id": person.external_id, "email": person.email, "name": person.name,
-            "locale": person.locale, "attributes": person.attributes or {},
-            "account_active": bool(person.account_active),
-            "created_at": _iso(person.created_at), "updated_at": _iso(person.updated_at),
-        },
-        "preferences": prefs,
-        "third_party_sharing": sharing,
-        "suppressions": [
-            {"scope": s.scope, "reason": s.reason, "source": s.source,
-             "created_at": _iso(s.created_at), "expires_at": _iso(s.expires_at)}
-            for s in suppression_rows(conn, person.email_hash)
-        ],
-        "consents": [
-            {"id": e.id, "topic": e.topic, "granted": bool(e.granted), "source": e.source,
-             "policy_version": e.policy_version, "occurred_at": _iso(e.occurred_at),
-             "recorded_at": _iso(e.recorded_at), "evidence": e.evidence}
-            for e in ledger(conn, person.id)
-        ],
+        "profile": profile(person),
+        **held,
         "pending_consents": [
             {"id": r.id, "topic": r.topic, "source": r.source,
-             "policy_version": r.policy_version, "requested_at": _iso(r.requested_at),
-             "confirmed_at": _iso(r.confirmed_at), "evidence": r.evidence}
+             "policy_version": r.policy_version, "requested_at": iso(r.requested_at),
+             "confirmed_at": iso(r.confirmed_at), "evidence": r.evidence}
             for r in conn.execute(
                 select(consent_requests)
                 .where(consent_requests.c.recipient_id == person.id)

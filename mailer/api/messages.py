@@ -16,6 +16,7 @@ from mailer.errors import Forbidden, NotFound, RequestError, ValidationFailed
 from mailer.keys import ApiKey
 from mailer.runtime import Runtime
 from mailer.schema import message_events, messages
+from mailer.views import iso
 
 router = APIRouter(prefix="/v1/messages", tags=["messages"])
 
@@ -137,16 +138,12 @@ def get_message(
             .where(message_events.c.message_id == message_id)
             .order_by(message_events.c.id)
         )
-        history = [{"at": _iso(e.at), "type": e.type, "detail": e.detail} for e in events]
+        history = [{"at": iso(e.at), "type": e.type, "detail": e.detail} for e in events]
     return {
         "id": row.id, "category": row.category, "template": row.template, "topic": row.topic,
         "status": row.status, "reason": row.reason, "attempts": row.attempts,
-        "created_at": _iso(row.created_at), "sent_at": _iso(row.sent_at),
-        "send_at": _iso(row.send_at), "smtp_response": row.smtp_response,
+        "created_at": iso(row.created_at), "sent_at": iso(row.sent_at),
+        "send_at": iso(row.send_at), "smtp_response": row.smtp_response,
         "smtp_code": row.smtp_code, "message_id": row.message_id_header,
         "campaign_id": row.campaign_id, "events": history,
     }
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat().replace("+00:00", "Z") if value else None

@@ -12,23 +12,19 @@ from sqlalchemy import insert, select, update
 
 from mailer.api.deps import runtime, scoped
 from mailer.erasure import erase
-from mailer.errors import InvalidAddress, ValidationFailed
+from mailer.errors import ValidationFailed
 from mailer.export import export_recipient
 from mailer.headers import check_header_value
 from mailer.keys import ApiKey
 from mailer.optin import DoubleOptIn
 from mailer.recipients import (
-    Address,
     get_recipient,
-    ledger,
-    preferences,
     record_consent,
-    suppression_rows,
     upsert_recipient,
 )
 from mailer.runtime import Runtime
 from mailer.schema import topics
-from suppression.addresses import InvalidAddressError
+from mailer.views import iso, parse_address, profile, recipient_view
 from suppression.consent import THIRD_PARTY_SHARING
 
 router = APIRouter(tags=["recipients"])
@@ -70,27 +66,6 @@ class TopicIn(BaseModel):
     double_opt_in: bool = False
 
 
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat().replace("+00:00", "Z") if value else None
-
-
-def _address(rt: Runtime, raw: str) -> Address:
-    try:
-        return rt.address(raw)
-    except InvalidAddressError as exc:
-        raise InvalidAddress(f"invalid address: {exc}") from None
-
-
-def profile(row: Any) -> dict[str, Any]:
-    """The profile fields of a recipient row."""
-    return {
-        "external_id": row.external_id, "email": row.email, "name": row.name,
-        "locale": row.locale, "attributes": row.attributes or {},
-        "account_active": bool(row.account_active),
-        "created_at": _iso(row.created_at), "updated_at": _iso(row.updated_at),
-    }
-
-
 @router.put("/v1/recipients/{external_id}")
 def put_recipient(
     external_id: str, body: RecipientIn, key: RecipientsKey, rt: Rt
@@ -100,7 +75,7 @@ def put_recipient(
         raise ValidationFailed("external_id must be 1 to 200 characters")
     if body.name is not None:
         check_header_value("name", body.name)
-    address = _address(rt, body.email)
+    address = parse_address(rt, body.email)
     with rt.engine.begin() as conn:
         row, created = upsert_recipient(conn, external_id, address, body.model_dump(), rt.clock())
     return JSONResponse(profile(row), status_code=201 if created else 200)
@@ -110,25 +85,8 @@ def put_recipient(
 def get_recipient_view(external_id: str, key: RecipientsKey, rt: Rt) -> dict[str, Any]:
     """Profile, current preferences, suppressions and the full consent ledger."""
     with rt.engine.connect() as conn:
-        row = get_recipient(conn, external_id)
-        prefs = preferences(conn, row.id)
-        sharing = prefs.pop(THIRD_PARTY_SHARING)
-        return {
-            **profile(row),
-            "preferences": prefs,
-            "third_party_sharing": sharing,
-            "suppressions": [
-                {"scope": s.scope, "reason": s.reason, "source": s.source,
-                 "created_at": _iso(s.created_at), "expires_at": _iso(s.expires_at)}
-                for s in suppression_rows(conn, row.email_hash)
-            ],
-            "consents": [
-                {"id": e.id, "topic": e.topic, "granted": bool(e.granted), "source": e.source,
-                 "policy_version": e.policy_version, "occurred_at": _iso(e.occurred_at),
-                 "recorded_at": _iso(e.recorded_at), "evidence": e.evidence}
-                for e in ledger(conn, row.id)
-            ],
-        }
+        row, held = recipient_view(conn, external_id)
+    return {**profile(row), **held}
 
 
 @router.delete("/v1/recipients/{external_id}", status_code=204)
@@ -171,7 +129,7 @@ def post_consent(
             return JSONResponse(
                 {"id": None, "request_id": pending.request_id, "status": "pending",
                  "topic": body.topic, "granted": True, "source": body.source,
-                 "occurred_at": _iso(occurred), "confirmation": pending.confirmation,
+                 "occurred_at": iso(occurred), "confirmation": pending.confirmation,
                  "confirmation_message_id": pending.message_id},
                 status_code=201,
             )
@@ -182,7 +140,7 @@ def post_consent(
             body.policy_version or rt.settings.policy_version, occurred, now, body.evidence,
         )
     return {"id": event_id, "topic": body.topic, "granted": body.granted, "source": body.source,
-            "occurred_at": _iso(occurred)}
+            "occurred_at": iso(occurred)}
 
 
 def topic_view(row: Any) -> dict[str, Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Response
@@ -13,12 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import delete, select
 
 from mailer.api.deps import runtime, scoped
-from mailer.errors import InvalidAddress, NotFound, ValidationFailed
+from mailer.errors import NotFound, ValidationFailed
 from mailer.keys import ApiKey
-from mailer.recipients import SUPPRESSION_REASONS, Address, add_suppression
+from mailer.recipients import SUPPRESSION_REASONS, add_suppression
 from mailer.runtime import Runtime
 from mailer.schema import suppressions
-from suppression.addresses import InvalidAddressError
+from mailer.views import iso, parse_address
 
 router = APIRouter(tags=["suppressions"])
 Rt = Annotated[Runtime, Depends(runtime)]
@@ -40,22 +39,11 @@ class SuppressionIn(BaseModel):
     reason: str = "manual"
 
 
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat().replace("+00:00", "Z") if value else None
-
-
-def _address(rt: Runtime, raw: str) -> Address:
-    try:
-        return rt.address(raw)
-    except InvalidAddressError as exc:
-        raise InvalidAddress(f"invalid address: {exc}") from None
-
-
 def view(row: Any) -> dict[str, Any]:
     """An entry as the API shows it; erased entries have no ``email``, only the hash."""
     return {"id": row.id, "email": row.email, "email_hash": row.email_hash, "scope": row.scope,
-            "reason": row.reason, "source": row.source, "created_at": _iso(row.created_at),
-            "expires_at": _iso(row.expires_at)}
+            "reason": row.reason, "source": row.source, "created_at": iso(row.created_at),
+            "expires_at": iso(row.expires_at)}
 
 
 def _cursor(last_id: int) -> str:
@@ -89,7 +77,7 @@ def list_suppressions(
     query = select(suppressions).where(suppressions.c.id > _after(cursor))
     if email is not None:
         # By keyed hash, so erased entries (address gone) are found as well.
-        query = query.where(suppressions.c.email_hash == _address(rt, email).hash)
+        query = query.where(suppressions.c.email_hash == parse_address(rt, email).hash)
     if reason is not None:
         if reason not in SUPPRESSION_REASONS:
             choices = ", ".join(sorted(SUPPRESSION_REASONS))
@@ -113,7 +101,7 @@ def add(
     if body.reason not in MANUAL_REASONS:
         raise ValidationFailed(f"reason must be one of {', '.join(sorted(MANUAL_REASONS))}",
                                code="invalid_suppression")
-    address = _address(rt, body.email)
+    address = parse_address(rt, body.email)
     with rt.engine.begin() as conn:
         created = add_suppression(conn, address, address.hash, body.scope, body.reason,
                                   f"api:{key.name}", rt.clock())
@@ -131,7 +119,7 @@ def lift(
     reason: str | None = None,
 ) -> Response:
     """Lift every entry of an address, or only the one with ``reason`` (admin only, SPEC 4)."""
-    address = _address(rt, email)
+    address = parse_address(rt, email)
     statement = delete(suppressions).where(suppressions.c.email_hash == address.hash)
     if reason is not None:
         statement = statement.where(suppressions.c.reason == reason)
