@@ -45,8 +45,19 @@ _RESERVED = frozenset({
     "from", "message-id", "mime-version", "received", "reply-to", "return-path", "sender",
     "subject", "to",
 })
-_PART_TEXT = b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\n"
-_PART_HTML = b"Content-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+_TEXT_TYPE = b"Content-Type: text/plain; charset=utf-8\r\n"
+_HTML_TYPE = b"Content-Type: text/html; charset=utf-8\r\n"
+#: Where text lines are wrapped: RFC 5322 section 2.1.1 asks for lines of at most 78
+#: characters, and plain-text readers show longer ones as one run-on line.
+TEXT_WIDTH = 78
+#: RFC 5322 section 2.1.1's hard limit for a line, without its CRLF.
+_MAX_RAW_LINE = 998
+# RFC 2046 section 4.1.1: in text/* bodies a line break is CRLF. Every other spelling is
+# turned into one, so no bare CR or LF (the stuff of SMTP smuggling) reaches the wire.
+_LINE_END = re.compile(r"\r\n|\r|\n")
+# Characters 7bit data may not carry (RFC 2045 section 2.7): controls other than TAB
+# (CR only ever appears in the CRLF line breaks written here).
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _SUBJECT_OFFSET = len("Subject: ")
 
 
@@ -59,15 +70,69 @@ class Envelope:
     data: bytes
 
 
-def _base64_body(text: str) -> bytes:
+def _base64_body(raw: bytes) -> bytes:
     """Base64 with 76-character CRLF lines (RFC 2045 section 6.8).
 
     Base64 output holds no "." and no bare CR or LF, so SMTP-smuggling sequences such as
     ``\\n.\\n`` in a body cannot reach the wire as such.
     """
-    # "replace" keeps a lone surrogate from a caller's JSON from failing the send.
-    encoded = binascii.b2a_base64(text.encode("utf-8", "replace"), newline=False)
+    encoded = binascii.b2a_base64(raw, newline=False)
     return _CRLF.join([encoded[i:i + 76] for i in range(0, len(encoded), 76)])
+
+
+def wrap_text(text: str, width: int = TEXT_WIDTH) -> list[str]:
+    """Split ``text`` into lines, breaking lines longer than ``width`` at spaces.
+
+    Words are never cut, so a long URL stays whole on a line of its own; short lines,
+    such as the ``-- `` that sets off the footer (RFC 3676 section 4.3), are kept exactly.
+    """
+    out: list[str] = []
+    for line in _LINE_END.split(text):
+        if len(line) <= width or " " not in line.strip(" "):
+            out.append(line)
+            continue
+        indent = line[: len(line) - len(line.lstrip(" "))]
+        current = indent
+        for word in line[len(indent):].split(" "):
+            if not word:
+                continue
+            if current.strip() and len(current) + 1 + len(word) > width:
+                out.append(current)
+                current = word
+            elif current.strip():
+                current += " " + word
+            else:
+                current += word
+        out.append(current)
+    return out
+
+
+def text_part(content_type: bytes, text: str, *, wrap: bool) -> bytes:
+    """One text part, headers and body, in the plainest encoding that carries it.
+
+    Plain-text clients and spam filters read base64 text as a sign of hiding something
+    (SpamAssassin's MIME_BASE64_TEXT), so ASCII goes as 7bit and mostly-Latin text as
+    quoted-printable (RFC 2045 section 6.7); only text that is mostly outside ASCII, where
+    quoted-printable would triple its size, is base64.
+    """
+    lines = wrap_text(text) if wrap else _LINE_END.split(text)
+    body = "\r\n".join(lines)
+    raw = body.encode("utf-8", "replace")  # "replace": a lone surrogate from JSON
+    if (
+        raw.isascii()
+        and not _CONTROL.search(body)
+        and all(len(line) <= _MAX_RAW_LINE and line != "." for line in lines)
+    ):
+        return content_type + b"Content-Transfer-Encoding: 7bit\r\n\r\n" + raw
+    if len(raw) - len(body) <= len(body) // 3:
+        # b2a_qp keeps CRLF as line breaks, encodes "=", controls, trailing white space
+        # and a line that is a lone ".", and soft-breaks at 76 characters.
+        # Its soft line breaks copy the first line break it saw, a bare LF when the text has
+        # none: spell them all CRLF (the text holds no other line breaks by now).
+        encoded = binascii.b2a_qp(raw, istext=True).replace(b"\r\n", b"\n")
+        encoded = encoded.replace(b"\n", b"\r\n")
+        return content_type + b"Content-Transfer-Encoding: quoted-printable\r\n\r\n" + encoded
+    return content_type + b"Content-Transfer-Encoding: base64\r\n\r\n" + _base64_body(raw)
 
 
 class MessageBuilder:
@@ -124,14 +189,15 @@ class MessageBuilder:
             lines.append(fold(name, value))
         if text is None:
             text = html_to_text(html)
-        # "=_" cannot occur in base64 data, so the boundary can never collide with a body
-        # line; the random part keeps it unguessable (RFC 2046 section 5.1.1).
+        # "=_" cannot occur in base64 or quoted-printable data, and a 7bit body line that
+        # starts with "--=_" would need these 128 random bits: the boundary never collides
+        # with a body line and stays unguessable (RFC 2046 section 5.1.1).
         boundary = ("=_" + secrets.token_hex(16)).encode("ascii")
         delimiter = b"--" + boundary + _CRLF
         lines += [
             b'Content-Type: multipart/alternative;\r\n boundary="' + boundary + b'"\r\n\r\n',
-            delimiter, _PART_TEXT, _base64_body(text), _CRLF,
-            delimiter, _PART_HTML, _base64_body(html), _CRLF,
+            delimiter, text_part(_TEXT_TYPE, text, wrap=True), _CRLF,
+            delimiter, text_part(_HTML_TYPE, html, wrap=False), _CRLF,
             b"--" + boundary + b"--\r\n",
         ]
         data = b"".join(lines)

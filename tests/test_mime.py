@@ -88,13 +88,13 @@ def test_the_message_parses_back_to_exactly_the_expected_headers(
         ("Content-Type", f'multipart/alternative; boundary="{boundary}"'),
     ]
     assert msg.defects == []
-    # And it is multipart/alternative: text/plain then text/html, both UTF-8 base64
+    # And it is multipart/alternative: text/plain then text/html, UTF-8, ASCII as 7bit
     assert msg.get_content_type() == "multipart/alternative"
     parts = list(msg.iter_parts())
     assert [part.get_content_type() for part in parts] == ["text/plain", "text/html"]
     for part in parts:
         assert part.get_content_charset() == "utf-8"
-        assert part["Content-Transfer-Encoding"] == "base64"
+        assert part["Content-Transfer-Encoding"] == "7bit"
         assert part.defects == []
     assert parts[0].get_content() == "Hello Jane"
     assert parts[1].get_content() == "<p>Hello <b>Jane</b></p>"
@@ -240,18 +240,25 @@ def test_configured_sender_with_an_injection_is_a_config_error() -> None:
 
 # --- bodies ---------------------------------------------------------------------------
 
-def test_smuggling_sequences_survive_base64_and_decode_identically(
+def crlf(text: str) -> bytes:
+    """``text`` with every line break spelled CRLF, as RFC 2046 section 4.1.1 wants."""
+    return re.sub(r"\r\n|\r|\n", "\r\n", text).encode()
+
+
+def test_smuggling_sequences_become_crlf_lines_and_decode_identically(
     builder: MessageBuilder,
 ) -> None:
-    # Given bodies full of SMTP end-of-data look-alikes (reliability.md item 27)
+    # Given bodies full of SMTP end-of-data look-alikes (bare LF or CR around a ".")
     html = "<p>" + SMUGGLING + "</p>"
     envelope = build(builder, text=SMUGGLING, html=html)
-    # Then no line of the message is a lone "." and none starts with one
-    assert all(not line.startswith(b".") for line in envelope.data.split(b"\r\n"))
-    # And both parts decode to exactly the bytes given
+    # Then the message holds no bare CR or LF and no line that is a lone "."
+    assert b"\r" not in envelope.data.replace(b"\r\n", b"")
+    assert b"\n" not in envelope.data.replace(b"\r\n", b"")
+    assert b"." not in envelope.data.split(b"\r\n")
+    # And both parts decode to the text given, its line breaks as CRLF
     text_part, html_part = parse(envelope).iter_parts()
-    assert text_part.get_payload(decode=True) == SMUGGLING.encode()
-    assert html_part.get_payload(decode=True) == html.encode()
+    assert text_part.get_payload(decode=True) == crlf(SMUGGLING)
+    assert html_part.get_payload(decode=True) == crlf(html)
 
 
 def test_a_smuggling_body_arrives_as_exactly_one_intact_message() -> None:
@@ -272,7 +279,7 @@ def test_a_smuggling_body_arrives_as_exactly_one_intact_message() -> None:
     arrived = email.message_from_bytes(message.data, policy=email.policy.default)
     assert arrived.keys() == parse(envelope).keys()
     text_part, _ = arrived.iter_parts()
-    assert text_part.get_payload(decode=True) == SMUGGLING.encode()
+    assert text_part.get_payload(decode=True) == crlf(SMUGGLING)
 
 
 def test_the_boundary_is_random_and_cannot_collide_with_a_body(
@@ -295,7 +302,7 @@ def test_the_boundary_is_random_and_cannot_collide_with_a_body(
 def test_the_text_part_is_derived_from_html_when_not_given(builder: MessageBuilder) -> None:
     html = '<h1>Deals</h1><p>See <a href="https://example.com/d">this week</a>.</p>'
     text_part, _ = parse(build(builder, html=html, text=None)).iter_parts()
-    assert text_part.get_content() == "Deals\n\nSee this week (https://example.com/d)."
+    assert text_part.get_content() == "Deals\r\n\r\nSee this week (https://example.com/d)."
 
 
 def test_non_ascii_and_lone_surrogates_in_bodies_do_not_break_the_build(
@@ -392,9 +399,8 @@ def test_a_changed_body_breaks_the_signature(
     signed_builder: MessageBuilder, rsa_key: rsa.RSAPrivateKey,
 ) -> None:
     data = build(signed_builder, text="Hello Jane").data
-    encoded = base64.b64encode(b"Hello Jane")
     assert verify(data, rsa_key)
-    assert not verify(data.replace(encoded, base64.b64encode(b"Hello Joan")), rsa_key)
+    assert not verify(data.replace(b"Hello Jane", b"Hello Joan"), rsa_key)
 
 
 def test_relaxed_canonicalisation_survives_refolding(
@@ -499,3 +505,51 @@ def test_html_to_text(html: str, text: str) -> None:
 def test_html_to_text_keeps_the_url_of_a_link_with_entities() -> None:
     html = '<a href="https://example.com/u?a=1&amp;b=2">Unsubscribe</a>'
     assert html_to_text(html) == "Unsubscribe (https://example.com/u?a=1&b=2)"
+
+
+# --- text parts as a plain-text reader sees them (SPEC 6) -------------------------------
+
+@pytest.mark.parametrize(
+    ("text", "encoding"),
+    [
+        ("Hello Jane,\nyour order shipped.", "7bit"),
+        ("Grüße aus Köln, Ihre Bestellung ist unterwegs.", "quoted-printable"),
+        ("a line with a NUL \x00 in it", "quoted-printable"),
+        ("x" * 1200, "quoted-printable"),
+        ("Здравствуйте! Ваш заказ отправлен сегодня.", "base64"),
+    ],
+    ids=["ascii", "latin", "control", "overlong-line", "cyrillic"],
+)
+def test_text_parts_use_the_plainest_encoding_that_carries_them(
+    builder: MessageBuilder, text: str, encoding: str,
+) -> None:
+    # Given a text part of each kind of script
+    text_part, _ = parse(build(builder, text=text)).iter_parts()
+    # Then it travels in the plainest transfer encoding that fits, and decodes exactly
+    assert text_part["Content-Transfer-Encoding"] == encoding
+    assert text_part.get_payload(decode=True) == crlf(text)
+
+
+def test_long_paragraphs_are_wrapped_near_78_without_cutting_words(
+    builder: MessageBuilder,
+) -> None:
+    # Given a derived text part with a long paragraph and a longer URL
+    url = "https://example.com/" + "p" * 90
+    html = "<p>" + "Your weekly deals are here and waiting for you. " * 6 + "</p>" + \
+        f'<p><a href="{url}">all deals</a></p>'
+    text_part, _ = parse(build(builder, html=html, text=None)).iter_parts()
+    lines = text_part.get_content().splitlines()
+    # Then every line holding a space fits in 78 characters, and the URL is whole
+    assert all(len(line) <= 78 for line in lines if " " in line)
+    assert any(url in line for line in lines)
+    # And the words read back in their order
+    assert " ".join(" ".join(lines).split()).startswith(
+        "Your weekly deals are here and waiting for you. Your weekly"
+    )
+
+
+def test_the_signature_separator_keeps_its_trailing_space(builder: MessageBuilder) -> None:
+    # Given a text part whose footer is set off by "-- " (RFC 3676 section 4.3)
+    text_part, _ = parse(build(builder, text="Hello\n\n-- \nExample Shop")).iter_parts()
+    # Then the separator line reads back as "-- " exactly
+    assert "-- " in text_part.get_content().splitlines()
