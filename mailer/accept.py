@@ -155,7 +155,7 @@ class Acceptor:
             fresh = self._replay_idempotent(conn, key, prepared, outcomes, now)
             third_party = self._topics(conn, fresh, outcomes)
             fresh = [p for p in fresh if p.topic is None or p.topic in third_party]
-            self._resolve_recipients(conn, fresh)
+            fresh = self._resolve_recipients(conn, fresh, outcomes)
             decisions = self._decide(conn, fresh, now, third_party)
             rows: list[dict[str, Any]] = []
             idem_rows: list[dict[str, Any]] = []
@@ -250,17 +250,24 @@ class Acceptor:
             fresh.append(p)
         return fresh
 
-    def _resolve_recipients(self, conn: Connection, prepared: list[_Prepared]) -> None:
-        """Link each message to a profile: by external id, else by address."""
+    def _resolve_recipients(
+        self, conn: Connection, prepared: list[_Prepared], outcomes: list[dict[str, Any] | None]
+    ) -> list[_Prepared]:
+        """Link each message to a profile: by external id, else by address.
+
+        Consent belongs to an address (SPEC 3): an ``external_id`` whose profile holds
+        another address is a 409 ``recipient_mismatch`` and nothing is queued, or anyone's
+        address could borrow that person's consent, and the links in the mail would act
+        on their choices. Both sides are compared as keyed hashes of normalised addresses.
+        """
         ext_ids = sorted({p.request.external_id for p in prepared if p.request.external_id})
-        by_ext: dict[str, int] = {}
+        by_ext: dict[str, tuple[int, str]] = {}
         if ext_ids:
-            for row in conn.execute(
-                select(recipients.c.id, recipients.c.external_id).where(
-                    recipients.c.external_id.in_(ext_ids)
-                )
+            for profile_row in conn.execute(
+                select(recipients.c.id, recipients.c.external_id, recipients.c.email_hash)
+                .where(recipients.c.external_id.in_(ext_ids))
             ):
-                by_ext[row.external_id] = row.id
+                by_ext[profile_row.external_id] = (profile_row.id, profile_row.email_hash)
         hashes = sorted({p.to_hash for p in prepared if not p.request.external_id})
         by_hash: dict[str, int] = {}
         if hashes:
@@ -270,9 +277,23 @@ class Acceptor:
                 .order_by(recipients.c.updated_at)
             ):
                 by_hash[row.email_hash] = row.id
+        resolved: list[_Prepared] = []
         for p in prepared:
             ext = p.request.external_id
-            p.recipient_id = by_ext.get(ext) if ext else by_hash.get(p.to_hash)
+            if not ext:
+                p.recipient_id = by_hash.get(p.to_hash)
+            elif ext in by_ext:
+                p.recipient_id, profile_hash = by_ext[ext]
+                if profile_hash != p.to_hash:
+                    exc = Conflict(
+                        "the address is not the one on this recipient's profile; update the "
+                        "profile first (PUT /v1/recipients/{external_id})",
+                        {"external_id": ext}, code="recipient_mismatch",
+                    )
+                    outcomes[p.index] = {"error": error_body(exc), "status": exc.status}
+                    continue
+            resolved.append(p)
+        return resolved
 
     @staticmethod
     def _topics(

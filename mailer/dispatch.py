@@ -243,8 +243,12 @@ class Dispatcher:
     ) -> tuple[Rendered, list[tuple[str, str]]]:
         """Footer and RFC 8058/2369/2919 headers that every promotion carries (SPEC 6)."""
         signer = self.rt.signer
-        unsubscribe = self.rt.url(f"/u/{signer.sign('u', row.recipient_id, row.topic)}")
-        preferences = self.rt.url(f"/preferences/{signer.sign('p', row.recipient_id)}")
+        # Both links are bound to the address this mail goes to: from it they may grant
+        # consent only while that is still the profile's address (SPEC 3).
+        mailed = row.to_hash
+        unsubscribe = self.rt.url(f"/u/{signer.sign('u', row.recipient_id, row.topic, mailed)}")
+        preferences = self.rt.url(
+            f"/preferences/{signer.sign('p', row.recipient_id, email_hash=mailed)}")
         rendered = self.rt.catalogue.footer.apply(
             rendered,
             {

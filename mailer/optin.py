@@ -1,9 +1,12 @@
 """Consent changes by the recipient's own hand: double opt-in, unsubscribe, preference centre.
 
 Everything here is reached from a signed link that was mailed to the address, so the
-person acting has shown control of the mailbox. Each function writes its ledger events
-(and, for "unsubscribe from all marketing", the suppression) in one transaction that has
-committed when it returns: the public pages answer only after that (SPEC 4).
+person acting has shown control of that mailbox, and of no other: a link may take consent
+away whatever address it went to, but grants it only while the address it was mailed to is
+still the profile's (SPEC 3, "Consent belongs to an address"). Each function writes its
+ledger events (and, for "unsubscribe from all marketing", the suppression) in one
+transaction that has committed when it returns: the public pages answer only after that
+(SPEC 4).
 """
 
 from __future__ import annotations
@@ -30,14 +33,23 @@ from mailer.recipients import (
 )
 from mailer.runtime import Runtime
 from mailer.schema import consent_requests, messages, recipients, topics
-from suppression.consent import SELF_SERVICE_SOURCES, THIRD_PARTY_SHARING, grant_conflicts
+from mailer.tokens import Token
+from suppression.consent import THIRD_PARTY_SHARING, grant_conflicts
 
 log = logging.getLogger(__name__)
 
-#: Grants from these sources wait for confirmation on a ``double_opt_in`` topic: the
-#: person said yes on a form, but nothing yet shows that the mailbox is theirs. Operator
-#: sources (``import``, ``api``, ``admin``) are taken as already confirmed elsewhere.
-PENDING_SOURCES = SELF_SERVICE_SOURCES - {"double_opt_in"}
+#: The sources an API caller may record (SPEC 3, "Only the person's own channels speak
+#: for the person").
+API_SOURCES = frozenset({"signup_form", "api", "import", "admin"})
+#: The person's own channels and their mailbox's reports: written only by the public
+#: pages, the inbound listener and the webhooks, which see the person act. An API request
+#: claiming one is refused, even for a source no part of this build writes yet.
+OWN_CHANNEL_SOURCES = frozenset({"preference_center", "double_opt_in", "unsubscribe_link",
+                                 "one_click", "mailto", "complaint"})
+#: Grants from these sources wait for confirmation on a ``double_opt_in`` topic: a form or
+#: a service said yes, but nothing yet shows that the mailbox is the person's. That holds
+#: for every source the API accepts, operator ones included (SPEC 3).
+PENDING_SOURCES = API_SOURCES
 
 #: At most this many confirmation mails per address per :data:`CONFIRMATION_WINDOW`:
 #: enough to resend a lost one, too few to mail-bomb someone by typing their address
@@ -69,6 +81,16 @@ class PendingGrant:
 
 
 @dataclass(frozen=True)
+class SaveOutcome:
+    """What a preference-centre post did: the choices written and the grants refused."""
+
+    changed: tuple[str, ...]
+    #: Grants asked for through a link that may not grant (mailed to another address, or
+    #: minted before links were bound to addresses); nothing was written for them.
+    refused: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class TopicChoice:
     """One line of the preference centre."""
 
@@ -87,6 +109,8 @@ class PreferenceView:
     third_party_sharing: bool
     #: Reasons that block all marketing regardless of the topic choices (admin-only lifts).
     blocked_by: tuple[str, ...]
+    #: Whether this link may grant: it was mailed to the profile's current address.
+    may_grant: bool = True
 
 
 def _iso(value: datetime) -> str:
@@ -170,7 +194,8 @@ class DoubleOptIn:
         ).scalar_one())
 
     def _mail(self, request_id: int, recipient: Row[Any], topic: str, title: str) -> PendingGrant:
-        token = self.rt.signer.sign("c", recipient.id, topic)
+        # Bound to the address the mail goes to: confirming proves control of that mailbox.
+        token = self.rt.signer.sign("c", recipient.id, topic, recipient.email_hash)
         data: dict[str, Any] = {"confirm_url": self.rt.url(f"/confirm/{token}"),
                                 "topic_title": title}
         if recipient.name:
@@ -190,10 +215,25 @@ class DoubleOptIn:
         status = "suppressed" if result["status"] == "suppressed" else "queued"
         return PendingGrant(request_id, status, result["id"])
 
-    def state(self, recipient_id: int, topic: str) -> str:
-        """``pending`` (a request can be confirmed), ``confirmed`` (done), or ``none``."""
+    def may_grant(self, conn: Connection, token: Token) -> str | None:
+        """None when ``token`` may grant now; else why not: ``wrong_address`` or ``unbound``.
+
+        ``unbound`` is a link minted before links were bound to addresses: it cannot say
+        which mailbox it reached, so it confirms nothing (the person signs up again).
+        """
+        recipient = _recipient_by_id(conn, token.recipient_id)
+        if token.address is None:
+            return "unbound"
+        if recipient is None or not self.rt.signer.mailed_to(token, recipient.email_hash):
+            return "wrong_address"
+        return None
+
+    def state(self, token: Token) -> str:
+        """``pending``, ``confirmed``, ``none``, or why the link may not confirm (see above)."""
+        recipient_id, topic = token.recipient_id, token.topic
         now = self.rt.clock()
         with self.rt.engine.connect() as conn:
+            refused = self.may_grant(conn, token)
             rows = list(conn.execute(
                 select(consent_requests.c.confirmed_at, consent_requests.c.recorded_at).where(
                     consent_requests.c.recipient_id == recipient_id,
@@ -201,18 +241,25 @@ class DoubleOptIn:
                 )
             ))
         if any(r.confirmed_at is None and r.recorded_at > now - self.ttl for r in rows):
-            return "pending"
+            return refused or "pending"
         return "confirmed" if any(r.confirmed_at is not None for r in rows) else "none"
 
-    def confirm(
-        self, recipient_id: int, topic: str, evidence: Mapping[str, Any] | None = None
-    ) -> str:
-        """Turn pending requests into one ledger grant; ``confirmed``, ``already`` or ``none``."""
+    def confirm(self, token: Token, evidence: Mapping[str, Any] | None = None) -> str:
+        """Turn pending requests into one ledger grant.
+
+        Returns ``confirmed``, ``already``, ``none``, or ``wrong_address`` / ``unbound``
+        when the link was not mailed to the profile's current address (nothing written).
+        """
+        recipient_id, topic = token.recipient_id, token.topic
         now = self.rt.clock()
         with self.rt.engine.begin() as conn:
             recipient = _recipient_by_id(conn, recipient_id)
             if recipient is None:
                 return "none"
+            # Checked in the transaction that writes, against the address as it is now.
+            refused = self.may_grant(conn, token)
+            if refused is not None:
+                return refused
             pending = list(conn.execute(
                 select(consent_requests).where(
                     consent_requests.c.recipient_id == recipient_id,
@@ -256,6 +303,19 @@ class SelfService:
 
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
+
+    def preferences_token(self, token: Token) -> str:
+        """A preference-centre token for the person a link names, bound like that link.
+
+        Bound to the profile's address only when ``token`` was mailed to it; otherwise the
+        new link is revoke-only too, so a page cannot launder an old link into a granting one.
+        """
+        with self.rt.engine.connect() as conn:
+            recipient = _recipient_by_id(conn, token.recipient_id)
+        mailed: str | None = None
+        if recipient is not None and self.rt.signer.mailed_to(token, recipient.email_hash):
+            mailed = recipient.email_hash
+        return self.rt.signer.sign("p", token.recipient_id, email_hash=mailed)
 
     def recipient_exists(self, recipient_id: int) -> bool:
         """Whether the profile a token names still exists (erasure removes it)."""
@@ -310,12 +370,14 @@ class SelfService:
                             source, now)
         return written
 
-    def view(self, recipient_id: int) -> PreferenceView | None:
+    def view(self, token: Token) -> PreferenceView | None:
         """The preference centre's content, or None when the profile no longer exists."""
+        recipient_id = token.recipient_id
         with self.rt.engine.connect() as conn:
             recipient = _recipient_by_id(conn, recipient_id)
             if recipient is None:
                 return None
+            may_grant = self.rt.signer.mailed_to(token, recipient.email_hash)
             prefs = preferences(conn, recipient_id)
             rows = list(conn.execute(select(topics).order_by(topics.c.title, topics.c.name)))
             now = self.rt.clock()
@@ -331,34 +393,43 @@ class SelfService:
             ),
             third_party_sharing=bool(prefs[THIRD_PARTY_SHARING]["subscribed"]),
             blocked_by=tuple(blocked),
+            may_grant=may_grant,
         )
 
     def save(
         self,
-        recipient_id: int,
+        token: Token,
         wanted: Mapping[str, bool],
         evidence: Mapping[str, Any] | None = None,
-    ) -> list[str]:
-        """Record ``preference_center`` events for the choices that differ; return their names.
+    ) -> SaveOutcome:
+        """Record ``preference_center`` events for the choices that differ.
 
         Only the names in ``wanted`` are considered (the topics the page showed), so a
         topic created after the page was loaded is not revoked by its missing checkbox.
-        Grants on ``double_opt_in`` topics go straight to the ledger: the page was reached
-        from a link mailed to the address, which is what the confirmation would prove.
+        Grants on ``double_opt_in`` topics go straight to the ledger when the link was
+        mailed to the profile's current address, which is what the confirmation would
+        prove. Through any other link, revokes are written and grants refused (SPEC 3).
         """
+        recipient_id = token.recipient_id
         now = self.rt.clock()
         changed: list[str] = []
+        refused: list[str] = []
         with self.rt.engine.begin() as conn:
             recipient = _recipient_by_id(conn, recipient_id)
             if recipient is None:
-                return changed
+                return SaveOutcome((), ())
+            # Checked in the writing transaction, against the address as it is now.
+            may_grant = self.rt.signer.mailed_to(token, recipient.email_hash)
             current = preferences(conn, recipient_id)
             for name in sorted(wanted):
                 if name not in current or bool(current[name]["subscribed"]) == wanted[name]:
                     continue
                 granted = wanted[name]
+                if granted and not may_grant:
+                    refused.append(name)
+                    continue
                 record_consent(conn, recipient, name, granted, "preference_center",
                                self.rt.settings.policy_version, now, now,
                                evidence if granted else None)
                 changed.append(name)
-        return changed
+        return SaveOutcome(tuple(changed), tuple(refused))

@@ -292,7 +292,7 @@ def test_campaign_reaches_exactly_the_allowed_set(stack: Stack) -> None:
             r = client.post(f"/v1/recipients/{person.external_id}/consents",
                             headers=auth(keys["recipients"]),
                             json={"topic": "newsletter", "granted": False,
-                                  "source": "preference_center"})
+                                  "source": "api"})
             assert r.status_code == 201, r.text
         # And then a worker starts sending
         worker = WorkerProcess(stack.env, threads=8)

@@ -16,9 +16,9 @@ from tests.test_unsubscribe import (
     assert_plain_page,
     consent,
     delivered,
+    link_token,
     path_of,
     recipient,
-    recipient_id,
     register,
     send,
     state_counts,
@@ -86,7 +86,7 @@ def test_a_revoke_beats_a_grant_at_the_same_instant(
     order = [False, True] if revoke_first else [True, False]
     for granted in order:
         r = consent(client, keys, external_id, "newsletter", granted=granted,
-                    source="signup_form" if granted else "unsubscribe_link", occurred_at=moment)
+                    source="signup_form" if granted else "api", occurred_at=moment)
         assert r.status_code == 201, r.text
     # Then the revoke wins: no promotion
     assert recipient(client, keys, external_id)["preferences"]["newsletter"]["subscribed"] is False
@@ -104,7 +104,7 @@ def test_an_operator_grant_after_a_revoke_is_409_and_writes_nothing(
     external_id = register(client, keys, unique_email("conflict"))
     assert consent(client, keys, external_id, "newsletter").status_code == 201
     assert consent(client, keys, external_id, "newsletter", granted=False,
-                   source="one_click").status_code == 201
+                   source="api").status_code == 201
     ledger = recipient(client, keys, external_id)["consents"]
     # When an import, a service or staff tries to turn it back to yes
     r = consent(client, keys, external_id, "newsletter", source=source,
@@ -117,24 +117,27 @@ def test_an_operator_grant_after_a_revoke_is_409_and_writes_nothing(
 
 
 def test_only_the_persons_own_action_turns_a_no_back_to_yes(
-    client: Any, keys: dict[str, str]
+    client: Any, keys: dict[str, str], runtime: Any
 ) -> None:
     # Given a person who revoked
     address = unique_email("ownaction")
     external_id = register(client, keys, address)
     assert consent(client, keys, external_id, "newsletter", granted=False,
-                   source="unsubscribe_link").status_code == 201
+                   source="api").status_code == 201
     # When a signup form reports a grant without evidence, Then it is refused
     r = consent(client, keys, external_id, "newsletter", evidence=None)
     assert r.status_code == 409
     # When it reports one with evidence (form URL, IP), Then it is recorded
     assert consent(client, keys, external_id, "newsletter").status_code == 201
     assert promotion_status(client, keys, address, external_id) == ("queued", None)
-    # And after another revoke, the preference centre may grant again too
+    # And after another revoke, the preference centre (a link mailed to them) may grant again
     assert consent(client, keys, external_id, "newsletter", granted=False,
-                   source="one_click").status_code == 201
-    assert consent(client, keys, external_id, "newsletter",
-                   source="preference_center").status_code == 201
+                   source="api").status_code == 201
+    page = client.post(f"/preferences/{link_token(runtime, 'p', external_id)}",
+                       data={"action": "save", "shown": ["newsletter"], "topic": ["newsletter"]})
+    assert_plain_page(page)
+    prefs = recipient(client, keys, external_id)["preferences"]["newsletter"]
+    assert (prefs["subscribed"], prefs["source"]) == (True, "preference_center")
 
 
 def test_policy_version_and_evidence_are_recorded(
@@ -257,7 +260,7 @@ def test_confirmation_mails_are_limited_per_address_per_day(
         )).scalar_one()
     assert mails == DEFAULT_CONFIRMATION_LIMIT
     # And any of the mailed links still confirms
-    token = runtime.signer.sign("c", recipient_id(runtime, external_id), topic)
+    token = link_token(runtime, "c", external_id, topic)
     assert "You are subscribed" in client.post(f"/confirm/{token}").text
 
 
@@ -265,20 +268,23 @@ def test_double_opt_in_rules_for_other_sources(
     client: Any, keys: dict[str, str], runtime: Any
 ) -> None:
     topic = doi_topic(client, keys)
-    # Given an operator import of already-confirmed subscribers, Then it is a ledger grant at once
+    # Given an operator import, Then it waits for confirmation like a signup form (SPEC 3:
+    # a grant through the API on a double opt-in topic is pending, whatever its source)
     external_id = register(client, keys, unique_email("doiimport"))
     r = consent(client, keys, external_id, topic, source="import")
     assert r.status_code == 201, r.text
+    assert r.json()["status"] == "pending"
+    assert recipient(client, keys, external_id)["preferences"][topic]["subscribed"] is False
     # Given a person who revoked, When a signup form without evidence reports a grant,
     # Then it is a consent_conflict before any mail is sent
     assert consent(client, keys, external_id, topic, granted=False,
-                   source="one_click").status_code == 201
+                   source="api").status_code == 201
     refused = consent(client, keys, external_id, topic, evidence=None)
     assert refused.status_code == 409
     assert refused.json()["error"]["code"] == "consent_conflict"
     # Given a confirmation link with no pending request, Then it says so and changes nothing
     other = register(client, keys, unique_email("doinone"))
-    token = runtime.signer.sign("c", recipient_id(runtime, other), topic)
+    token = link_token(runtime, "c", other, topic)
     before = state_counts(runtime)
     answer = client.post(f"/confirm/{token}")
     assert_plain_page(answer)

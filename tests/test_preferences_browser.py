@@ -15,6 +15,7 @@ from tests.test_unsubscribe import (
     PROMO_DATA,
     assert_plain_page,
     consent,
+    link_token,
     path_of,
     preferences_url,
     recipient,
@@ -118,7 +119,7 @@ def test_saving_records_only_the_topics_that_changed(
     # Given a person subscribed to the newsletter only
     external_id = register(client, keys, unique_email("prefsave"))
     assert consent(client, keys, external_id, "newsletter").status_code == 201
-    path = f"/preferences/{runtime.signer.sign('p', recipient_id(runtime, external_id))}"
+    path = f"/preferences/{link_token(runtime, 'p', external_id)}"
     page = client.get(path)
     assert_plain_page(page)
     topics = [t["name"] for t in client.get("/v1/topics", headers={
@@ -151,7 +152,7 @@ def test_a_topic_missing_from_the_posted_page_is_left_alone(
     # Given a person subscribed to product updates, and a page posted before that topic showed
     external_id = register(client, keys, unique_email("prefnew"))
     assert consent(client, keys, external_id, "product_updates").status_code == 201
-    path = f"/preferences/{runtime.signer.sign('p', recipient_id(runtime, external_id))}"
+    path = f"/preferences/{link_token(runtime, 'p', external_id)}"
     # When the form lists only the newsletter (ticked)
     client.post(path, data=_wanted(["newsletter"], {"newsletter"}))
     # Then product updates is untouched, and the newsletter is granted
@@ -169,7 +170,7 @@ def test_unsubscribe_all_then_a_new_choice_lifts_only_that_topic(
     external_id = register(client, keys, address)
     for topic in ("newsletter", "product_updates"):
         assert consent(client, keys, external_id, topic).status_code == 201
-    path = f"/preferences/{runtime.signer.sign('p', recipient_id(runtime, external_id))}"
+    path = f"/preferences/{link_token(runtime, 'p', external_id)}"
     # When they press "unsubscribe from all marketing" in the preference centre
     response = client.post(path, data={"action": "unsubscribe_all"})
     assert_plain_page(response)

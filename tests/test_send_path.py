@@ -113,7 +113,8 @@ def test_legal_notice_reaches_someone_who_revoked_all_marketing(
         for granted in (True, False):
             r = client.post(f"/v1/recipients/{external_id}/consents",
                             json={"topic": topic, "granted": granted, "source": "signup_form",
-                                  "evidence": {"form": "https://example.test/signup"}},
+                                  "evidence": {"form": "https://example.test/signup",
+                                               "ip": "192.0.2.1"}},
                             headers=auth(keys["recipients"]))
             assert r.status_code == 201, r.text
     # When a legal notice is sent
@@ -144,7 +145,8 @@ def test_promotion_follows_consent_and_send_time_check_wins(
     # Given a grant, it is delivered with one-click unsubscribe headers and the footer
     r = client.post(consents, json={"topic": "newsletter", "granted": True,
                                     "source": "signup_form",
-                                    "evidence": {"form": "https://example.test/signup"}},
+                                    "evidence": {"form": "https://example.test/signup",
+                                                 "ip": "192.0.2.1"}},
                     headers=auth(keys["recipients"]))
     assert r.status_code == 201, r.text
     second = send(client, keys["marketing"], template="newsletter", to=to, data=data)
@@ -177,11 +179,11 @@ def test_promotion_follows_consent_and_send_time_check_wins(
     finally:
         runtime.enqueuer = original
     assert third["status"] == "queued"
-    # When the person revokes while it is still queued
-    r = client.post(consents, json={"topic": "newsletter", "granted": False,
-                                    "source": "preference_center"},
-                    headers=auth(keys["recipients"]))
-    assert r.status_code == 201
+    # When the person revokes while it is still queued (one-click, from the mail they have)
+    one_click = mail["List-Unsubscribe"].strip("<>").removeprefix(runtime.settings.public_url)
+    r = client.post(one_click, content=b"List-Unsubscribe=One-Click",
+                    headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200
     # And the worker then gets the message
     RedisEnqueuer(runtime.settings.redis_url).enqueue(held.batches[0][0])
     # Then the send-time check suppresses it: the revoke wins

@@ -294,6 +294,16 @@ def recipient_id(runtime: Any, external_id: str) -> int:
                                 .where(recipients.c.external_id == external_id)).scalar_one())
 
 
+def link_token(runtime: Any, purpose: str, external_id: str, topic: str = "") -> str:
+    """A token as a mail to the profile's current address carries it (address-bound)."""
+    from mailer.schema import recipients
+
+    with runtime.engine.connect() as conn:
+        row = conn.execute(select(recipients.c.id, recipients.c.email_hash)
+                           .where(recipients.c.external_id == external_id)).one()
+    return str(runtime.signer.sign(purpose, row.id, topic, row.email_hash))
+
+
 def test_a_thousand_gets_and_heads_change_nothing(
     client: Any, keys: dict[str, str], runtime: Any
 ) -> None:

@@ -8,6 +8,9 @@ No API key: the signed token is the authority (SPEC 7). The rules every handler 
   one-click clients do not follow redirects, and the commit must precede the answer.
 - No cookies, no scripts, nothing loaded from another host, and no referrer sent on,
   because the token in the URL is a credential for this person's choices.
+- Any valid link may take consent away; only a link mailed to the profile's current
+  address may grant it (SPEC 3). Otherwise the page is still shown, says why, and
+  writes no grant.
 """
 
 from __future__ import annotations
@@ -114,8 +117,16 @@ def _evidence(request: Request) -> dict[str, Any]:
     }
 
 
-def _preferences_url(rt: Runtime, recipient_id: int) -> str:
-    return rt.url(f"/preferences/{rt.signer.sign('p', recipient_id)}")
+def _preferences_url(rt: Runtime, found: Token) -> str:
+    return rt.url(f"/preferences/{SelfService(rt).preferences_token(found)}")
+
+
+#: Shown when a link that may not grant was used to ask for a grant.
+REVOKE_ONLY_MESSAGE = (
+    "We could not subscribe you: this link came in an email to an address that is not the "
+    "one on your profile now, or in an email from before we could check that, so it can "
+    "only unsubscribe. To subscribe, please use the link in a recent email from us."
+)
 
 
 # --- unsubscribe ------------------------------------------------------------------------
@@ -130,7 +141,7 @@ def unsubscribe_page(token: str, rt: Rt) -> HTMLResponse:
         return _invalid(rt)
     title = SelfService(rt).topic_title(found.topic)
     return _page(rt, "unsubscribe.html", done=False, topic_title=title,
-                 preferences_url=_preferences_url(rt, found.recipient_id))
+                 preferences_url=_preferences_url(rt, found))
 
 
 @router.post("/u/{token}", response_class=HTMLResponse)
@@ -149,21 +160,24 @@ async def unsubscribe(token: str, request: Request, rt: Rt) -> HTMLResponse:
         source = "one_click" if one_click else "unsubscribe_link"
         await run_in_threadpool(service.unsubscribe, found.recipient_id, found.topic, source)
     title = await run_in_threadpool(service.topic_title, found.topic)
+    preferences_url = await run_in_threadpool(_preferences_url, rt, found)
     return _page(rt, "unsubscribe.html", done=True, scope="all" if title is None else scope,
-                 topic_title=title, preferences_url=_preferences_url(rt, found.recipient_id))
+                 topic_title=title, preferences_url=preferences_url)
 
 
 # --- preference centre ------------------------------------------------------------------
 
 
-def _preferences(rt: Runtime, recipient_id: int, message: str | None = None) -> HTMLResponse:
-    view = SelfService(rt).view(recipient_id)
+def _preferences(rt: Runtime, found: Token, message: str | None = None,
+                 refused: bool = False) -> HTMLResponse:
+    view = SelfService(rt).view(found)
     if view is None:
         return _page(rt, "invalid.html", 404,
                      reason="We hold no preferences for this link any more.")
     return _page(rt, "preferences.html", topics=view.topics,
                  third_party_sharing=view.third_party_sharing,
-                 blocked_by=list(view.blocked_by), message=message)
+                 blocked_by=list(view.blocked_by), message=message,
+                 may_grant=view.may_grant, refused=REVOKE_ONLY_MESSAGE if refused else None)
 
 
 @router.get("/preferences/{token}", response_class=HTMLResponse)
@@ -173,7 +187,7 @@ def preferences_page(token: str, rt: Rt) -> HTMLResponse:
     found = _verify(rt, token, "p")
     if found is None:
         return _invalid(rt)
-    return _preferences(rt, found.recipient_id)
+    return _preferences(rt, found)
 
 
 @router.post("/preferences/{token}", response_class=HTMLResponse)
@@ -184,6 +198,7 @@ async def save_preferences(token: str, request: Request, rt: Rt) -> HTMLResponse
         return _invalid(rt)
     fields = await _form(request)
     service = SelfService(rt)
+    refused = False
     if "unsubscribe_all" in fields.get("action", []):
         await run_in_threadpool(service.unsubscribe_all, found.recipient_id, "preference_center")
         message = "You are unsubscribed from all marketing email."
@@ -193,10 +208,14 @@ async def save_preferences(token: str, request: Request, rt: Rt) -> HTMLResponse
                   if name != THIRD_PARTY_SHARING}
         if THIRD_PARTY_SHARING in fields.get("shown", []):
             wanted[THIRD_PARTY_SHARING] = bool(fields.get(THIRD_PARTY_SHARING))
-        changed = await run_in_threadpool(service.save, found.recipient_id, wanted,
-                                          _evidence(request))
-        message = "Your choices are saved." if changed else "Nothing changed."
-    return await run_in_threadpool(_preferences, rt, found.recipient_id, message)
+        outcome = await run_in_threadpool(service.save, found, wanted, _evidence(request))
+        refused = bool(outcome.refused)
+        if outcome.changed:
+            message = "Your choices are saved." if not refused else (
+                "Your unsubscribes are saved.")
+        else:
+            message = "Nothing changed." if not refused else ""
+    return await run_in_threadpool(_preferences, rt, found, message or None, refused)
 
 
 # --- double opt-in confirmation ---------------------------------------------------------
@@ -210,7 +229,7 @@ def confirm_page(token: str, rt: Rt) -> HTMLResponse:
     if found is None:
         return _invalid(rt)
     title = SelfService(rt).topic_title(found.topic) or found.topic
-    state = DoubleOptIn(rt).state(found.recipient_id, found.topic)
+    state = DoubleOptIn(rt).state(found)
     return _page(rt, "confirm.html", state="already" if state == "confirmed" else state,
                  topic_title=title)
 
@@ -221,7 +240,6 @@ async def confirm(token: str, request: Request, rt: Rt) -> HTMLResponse:
     found = _verify(rt, token, "c")
     if found is None:
         return _invalid(rt)
-    outcome = await run_in_threadpool(DoubleOptIn(rt).confirm, found.recipient_id,
-                                      found.topic, _evidence(request))
+    outcome = await run_in_threadpool(DoubleOptIn(rt).confirm, found, _evidence(request))
     title = await run_in_threadpool(SelfService(rt).topic_title, found.topic)
     return _page(rt, "confirm.html", state=outcome, topic_title=title or found.topic)

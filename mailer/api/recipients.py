@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -12,12 +13,13 @@ from sqlalchemy import insert, select, update
 
 from mailer.api.deps import runtime, scoped
 from mailer.erasure import erase
-from mailer.errors import ValidationFailed
+from mailer.errors import Conflict, ValidationFailed
 from mailer.export import export_recipient
 from mailer.headers import check_header_value
 from mailer.keys import ApiKey
-from mailer.optin import DoubleOptIn
+from mailer.optin import API_SOURCES, OWN_CHANNEL_SOURCES, DoubleOptIn
 from mailer.recipients import (
+    consent_history,
     get_recipient,
     record_consent,
     upsert_recipient,
@@ -25,7 +27,7 @@ from mailer.recipients import (
 from mailer.runtime import Runtime
 from mailer.schema import topics
 from mailer.views import iso, parse_address, profile, recipient_view
-from suppression.consent import THIRD_PARTY_SHARING
+from suppression.consent import SOURCES, THIRD_PARTY_SHARING, grant_conflicts
 
 router = APIRouter(tags=["recipients"])
 
@@ -54,6 +56,10 @@ class ConsentIn(BaseModel):
     policy_version: str | None = Field(default=None, max_length=40)
     occurred_at: datetime | None = None
     evidence: dict[str, Any] | None = None
+
+
+#: A topic name (SPEC 3): lower-case ASCII that fits a List-Id (RFC 2919) as it is.
+TOPIC_NAME = re.compile(r"(?=[a-z0-9._-]{1,64}\Z)[a-z0-9][a-z0-9_-]*(?:\.[a-z0-9_-]+)*")
 
 
 class TopicIn(BaseModel):
@@ -103,16 +109,70 @@ def export_recipient_view(external_id: str, key: RecipientsKey, rt: Rt) -> dict[
         return export_recipient(conn, external_id)
 
 
+#: Where ``evidence`` may name the signup form's URL.
+FORM_URL_KEYS = ("form_url", "form", "url")
+
+
+def _has_signup_evidence(evidence: dict[str, Any] | None) -> bool:
+    """A form URL plus the IP or user agent of whoever submitted it (SPEC 3)."""
+    def given(name: str) -> bool:
+        value = (evidence or {}).get(name)
+        return isinstance(value, str) and bool(value.strip())
+
+    return any(given(k) for k in FORM_URL_KEYS) and (given("ip") or given("user_agent"))
+
+
+def _check_source(external_id: str, body: ConsentIn, rt: Runtime) -> None:
+    """Refuse, before anything is written, a source the API may not claim (SPEC 3).
+
+    ``preference_center``, ``double_opt_in``, ``unsubscribe_link``, ``one_click``,
+    ``mailto`` and ``complaint`` are the person's own channels (or the reports of their
+    mailbox); only our pages, the inbound listener and the webhooks see those happen. An
+    API key claiming one could turn a person's "no" into "yes" in their name.
+    """
+    if body.source not in SOURCES | OWN_CHANNEL_SOURCES:
+        raise ValidationFailed(
+            f"unknown consent source; choose from {', '.join(sorted(API_SOURCES))}",
+            {"source": body.source}, code="invalid_source",
+        )
+    if body.source not in API_SOURCES:
+        raise ValidationFailed(
+            f"source {body.source!r} is recorded only by the person's own channels; "
+            f"the API may record {', '.join(sorted(API_SOURCES))}",
+            {"source": body.source, "allowed": sorted(API_SOURCES)}, code="source_not_allowed",
+        )
+    if body.granted and body.source == "signup_form" and not _has_signup_evidence(body.evidence):
+        with rt.engine.connect() as conn:
+            row = get_recipient(conn, external_id)
+            history = consent_history(conn, row.id, body.topic)
+        # The no-silent-re-subscription answer comes first, as it always has: a form
+        # without evidence cannot turn a "no" back to "yes" (409), and even for a first
+        # grant it must show where and from whom it came (422).
+        if grant_conflicts(history, body.topic, body.source, has_evidence=bool(body.evidence)):
+            raise Conflict(
+                "this person revoked consent for the topic; only their own action can "
+                "grant it again", code="consent_conflict",
+            )
+        raise ValidationFailed(
+            "a signup_form grant needs evidence: the form URL (form_url) plus the ip or "
+            "user_agent of the submission",
+            {"evidence": ["form_url", "ip|user_agent"]}, code="evidence_required",
+        )
+
+
 @router.post("/v1/recipients/{external_id}/consents", status_code=201, response_model=None)
 def post_consent(
     external_id: str, body: ConsentIn, key: RecipientsKey, rt: Rt
 ) -> dict[str, Any] | JSONResponse:
     """Append a grant or revoke; 409 ``consent_conflict`` for a silent re-subscription.
 
-    A self-service grant for a ``double_opt_in`` topic is not a ledger grant yet: the 201
-    body says ``"status": "pending"`` (a consent request was created) until the person
-    confirms from the mail sent to them (SPEC 3).
+    Only ``api``, ``import``, ``admin`` and ``signup_form`` (with evidence) may be
+    claimed here; anything else is 422 ``source_not_allowed``. A grant for a
+    ``double_opt_in`` topic is not a ledger grant yet, whatever its source: the 201 body
+    says ``"status": "pending"`` (a consent request was created and a confirmation mail
+    sent) until the person confirms from that mail (SPEC 3).
     """
+    _check_source(external_id, body, rt)
     now = rt.clock()
     occurred = body.occurred_at or now
     if occurred.tzinfo is None:
@@ -139,8 +199,8 @@ def post_consent(
             conn, row, body.topic, body.granted, body.source,
             body.policy_version or rt.settings.policy_version, occurred, now, body.evidence,
         )
-    return {"id": event_id, "topic": body.topic, "granted": body.granted, "source": body.source,
-            "occurred_at": iso(occurred)}
+    return {"id": event_id, "status": "recorded", "topic": body.topic, "granted": body.granted,
+            "source": body.source, "occurred_at": iso(occurred)}
 
 
 def topic_view(row: Any) -> dict[str, Any]:
@@ -163,10 +223,13 @@ def list_topics(
 def put_topic(
     name: str, body: TopicIn, key: Annotated[ApiKey, Depends(scoped("marketing"))], rt: Rt
 ) -> JSONResponse:
-    """Create (201) or update (200) a topic."""
-    if not name.replace("_", "").replace("-", "").isalnum() or len(name) > 100 \
-            or name == THIRD_PARTY_SHARING:
-        raise ValidationFailed("topic names use letters, digits, - and _ (max 100)")
+    """Create (201) or update (200) a topic; 422 ``invalid_topic_name`` for a bad name."""
+    # The name becomes the List-Id's list-label (RFC 2919: dot-atom-text, ASCII only), so
+    # it is checked here, once, instead of failing every send of the topic later.
+    if not TOPIC_NAME.fullmatch(name) or name == THIRD_PARTY_SHARING:
+        raise ValidationFailed(
+            "topic names are 1 to 64 of a-z, 0-9, _ and -, in dot-separated parts, "
+            "starting with a letter or digit", code="invalid_topic_name")
     values = body.model_dump()
     with rt.engine.begin() as conn:
         exists = conn.execute(select(topics.c.name).where(topics.c.name == name)).first()
