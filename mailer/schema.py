@@ -226,6 +226,33 @@ sns_subscriptions = Table(
     Column("received_at", UtcDateTime, nullable=False),
 )
 
+# Every event a report delivered (bounces and complaints, and the deliveries, delays and
+# unsubscribes providers report alongside), with what became of it (SPEC 4): ``applied``,
+# ``unmatched`` (not tied to mail we sent: changed nothing) or ``unrecognised`` (no usable
+# recipient, or beyond the per-report limit: changed nothing). /metrics sums ``count`` by
+# source and result. Only the keyed hash of an address is kept, never the address: an
+# unmatched report may name someone we never mailed.
+bounce_reports = Table(
+    "bounce_reports",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("source", String(20), nullable=False),
+    Column("result", String(20), nullable=False),
+    Column("event_type", String(20), nullable=False),
+    Column("reason", String(40)),
+    Column("email_hash", String(64)),
+    Column("message_id", String(32)),
+    # SHA-256 of the provider's event id: some ids embed the address (SES's do), and
+    # this table keeps none in clear; a repeat of the same report has the same key.
+    Column("event_key", String(64)),
+    # More than one only for an aggregate row (the events of a report beyond the limit).
+    Column("count", Integer, nullable=False, default=1),
+    Column("received_at", UtcDateTime, nullable=False),
+    Index("ix_bounce_reports_source_result", "source", "result"),
+    # A redelivered report that changed nothing is found here and counted once.
+    Index("ix_bounce_reports_source_event", "source", "event_key"),
+)
+
 # --- the recipient's side (issue 3) ------------------------------------------------------
 
 # Double opt-in (SPEC 3): a self-service grant for a topic marked ``double_opt_in`` waits

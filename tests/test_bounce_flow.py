@@ -47,7 +47,7 @@ def test_hard_bounce_suppresses_every_category(client: Any, keys: dict[str, str]
     external_id = register(client, keys["recipients"], address)
     r = client.post(f"/v1/recipients/{external_id}/consents",
                     json={"topic": "newsletter", "granted": True, "source": "signup_form",
-                          "evidence": {"form": "https://example.test/f"}},
+                          "evidence": {"form": "https://example.test/f", "ip": "192.0.2.1"}},
                     headers=auth(keys["recipients"]))
     assert r.status_code == 201
     to = {"email": address, "external_id": external_id}
@@ -62,7 +62,7 @@ def test_hard_bounce_suppresses_every_category(client: Any, keys: dict[str, str]
     assert first.status_code == 200, first.text
     assert first.json()["applied"] == 1
     again = post_dsn(client, report)
-    assert again.json() == {"applied": 0, "duplicates": 1}
+    assert again.json() == {"applied": 0, "duplicates": 1, "unmatched": 0, "unrecognised": 0}
 
     # Then the message is bounced, with the event in its history
     bounced = client.get(f"/v1/messages/{sent.json()['id']}", headers=auth(keys["marketing"]))

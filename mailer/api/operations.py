@@ -9,15 +9,17 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from mailer.api.deps import runtime, scoped
+from mailer.bounces import Result
 from mailer.errors import ValidationFailed
 from mailer.keys import ApiKey
 from mailer.runtime import Runtime
-from mailer.schema import messages, suppressions
+from mailer.schema import bounce_reports, messages, suppressions
+from mailer.webhooks import PROVIDERS
 
 router = APIRouter(tags=["operations"])
 
@@ -28,8 +30,8 @@ class OutboxCollector(Collector):
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        """Messages by category and status, and suppressions by reason."""
+    def collect(self) -> Iterator[Metric]:
+        """Messages by category and status, suppressions by reason, bounce reports by result."""
         by_status = GaugeMetricFamily("mailer_messages", "Messages in the outbox",
                                       labels=["category", "status"])
         by_reason = GaugeMetricFamily("mailer_suppressions", "Suppression list entries",
@@ -44,8 +46,24 @@ class OutboxCollector(Collector):
                 select(suppressions.c.reason, func.count()).group_by(suppressions.c.reason)
             ):
                 by_reason.add_metric([row[0]], row[1])
+            # Every source and result is exposed, zero included, so a rate() or an alert on
+            # "unmatched" works before the first forged report arrives.
+            reports = {(name, r.value): 0 for name in PROVIDERS for r in Result}
+            for row in conn.execute(
+                select(bounce_reports.c.source, bounce_reports.c.result,
+                       func.sum(bounce_reports.c.count))
+                .group_by(bounce_reports.c.source, bounce_reports.c.result)
+            ):
+                reports[(row[0], row[1])] = int(row[2] or 0)
+        by_result = CounterMetricFamily(
+            "mailer_bounce_reports", "Bounce and complaint reports by source and result "
+            "(applied, unmatched: not tied to mail we sent, unrecognised: no usable recipient)",
+            labels=["source", "result"])
+        for (name, result), count in sorted(reports.items()):
+            by_result.add_metric([name, result], count)
         yield by_status
         yield by_reason
+        yield by_result
 
 
 @router.get("/metrics")

@@ -1,10 +1,18 @@
-"""``POST /webhooks/<provider>``: verify on the raw body, normalise, apply idempotently."""
+"""``POST /webhooks/<provider>``: verify on the raw body, normalise, apply idempotently.
+
+Only reading the body happens on the event loop. Verifying (which may fetch an SNS
+certificate or record a Mailgun token), parsing (a DSN may be 5 MiB) and the database work
+run in a worker thread, so one large report never stalls other requests (SPEC 7).
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from collections.abc import Mapping
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+import anyio.to_thread
+from anyio import CapacityLimiter
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import insert
 
@@ -21,11 +29,18 @@ from mailer.webhooks import (
     VerificationFailed,
     WebhookConfig,
     WebhookError,
+    WebhookSource,
     body_limit,
     source,
 )
 
 router = APIRouter(tags=["webhooks"])
+
+#: Webhook requests worked on at once, each in its own thread with its own database
+#: connection. Bounded apart from the shared thread pool, which also serves /healthz and
+#: every synchronous route, so a burst of large reports waits for a slot here instead of
+#: taking every thread; two cores gain nothing from more CPU-bound parsers at once.
+MAX_CONCURRENT = 4
 
 
 async def _read_body(request: Request, limit: int) -> bytes | None:
@@ -51,20 +66,41 @@ def _config(rt: Runtime, request: Request) -> WebhookConfig:
     return cached
 
 
+def _limiter(app: FastAPI) -> CapacityLimiter:
+    # Made on first use, inside the running event loop, and kept for the app's life.
+    limiter: CapacityLimiter | None = getattr(app.state, "webhook_limiter", None)
+    if limiter is None:
+        limiter = CapacityLimiter(MAX_CONCURRENT)
+        app.state.webhook_limiter = limiter
+    return limiter
+
+
 @router.post("/webhooks/{provider}")
 async def receive(
     provider: str, request: Request, rt: Annotated[Runtime, Depends(runtime)]
 ) -> JSONResponse:
     """Answer 200 with what was applied; 401 bad signature, 400 unparseable, 404 unknown."""
+    config = _config(rt, request)
     try:
-        handler = source(provider, _config(rt, request))
+        handler = source(provider, config)
     except NotConfigured as exc:
         return error_response(404, "not_configured", str(exc))
     body = await _read_body(request, body_limit(provider))
     if body is None:
         return error_response(413, "payload_too_large", "the body is too large")
+    headers = dict(request.headers)
+    return await anyio.to_thread.run_sync(
+        process, handler, headers, body, config, rt, limiter=_limiter(request.app)
+    )
+
+
+def process(
+    handler: WebhookSource, headers: Mapping[str, str], body: bytes, config: WebhookConfig,
+    rt: Runtime,
+) -> JSONResponse:
+    """Verify, parse and apply one request; blocking, so called in a worker thread."""
     try:
-        result = handler.handle(request.headers, body, _config(rt, request), rt.clock())
+        result = handler.handle(headers, body, config, rt.clock())
     except VerificationFailed:
         # Say nothing about which check failed: that would help a forger.
         return error_response(401, "verification_failed", "the request could not be verified")
@@ -84,5 +120,4 @@ async def receive(
                 subscribe_url=result.subscribe_url, received_at=rt.clock()))
         return JSONResponse({"recorded": result.kind})
     report = EventApplier(rt).apply(result)
-    body_out: dict[str, Any] = {"applied": report.applied, "duplicates": report.duplicates}
-    return JSONResponse(body_out)
+    return JSONResponse(report.counts())

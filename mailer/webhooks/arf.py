@@ -40,7 +40,8 @@ def complaints(report: Message, key: str) -> list[WebhookEvent]:
 
     The recipient comes from ``Original-Rcpt-To``. A redacted report has none: the event
     then has ``recipient=None`` and our original's ``message_id`` so the caller can find
-    the person. A report naming neither cannot be acted on and yields nothing.
+    the person. A report naming neither yields one event with neither, which the caller
+    accepts and counts as unrecognised (SPEC 4).
     """
     part = first_part(report, _FEEDBACK_TYPES)
     blocks = field_blocks(part) if part is not None else []
@@ -58,8 +59,6 @@ def complaints(report: Message, key: str) -> list[WebhookEvent]:
     occurred_at = first_date(field(report, "Date"), field(fields, "Arrival-Date"))
     recipients = [address(text(v)) for v in fields.get_all("Original-Rcpt-To") or []]
     found: list[str | None] = [r for r in recipients if r] or [None]
-    if found == [None] and message_id is None:
-        return []
     return [
         WebhookEvent(
             provider=PROVIDER,

@@ -24,19 +24,25 @@ from mailer.webhooks.report import (
     report_key,
     report_type,
 )
-from mailer.webhooks.status import classify_status
+from mailer.webhooks.status import classify_status, find_enhanced
 
 PROVIDER = "dsn"
 #: Largest report accepted, checked before verification: reports may attach the original.
 MAX_BODY = MAX_DSN_BODY
 
 #: ``Action`` values (RFC 3464 section 2.3.3) that produce an event; None means "decide
-#: from Status". "relayed" and "expanded" say nothing about the final mailbox: ignored.
+#: from Status". Other values are read by their Status when it is 4.x.x or 5.x.x (SPEC 4).
 ACTIONS: dict[str, EventType | None] = {
     "failed": None,
     "delayed": EventType.DEFERRED,
     "delivered": EventType.DELIVERED,
 }
+#: Actions that say nothing about the final mailbox: ignored whatever their Status.
+IGNORED_ACTIONS = frozenset({"relayed", "expanded"})
+
+#: Address types of a recipient we could have mailed (RFC 3464 rfc822, RFC 6533 utf-8);
+#: others (x400, unknown) are skipped (SPEC 4).
+ADDRESS_TYPES = frozenset({"rfc822", "utf-8"})
 
 _STATUS_TYPES = frozenset({"message/delivery-status", "message/global-delivery-status"})
 
@@ -64,7 +70,11 @@ def parse(headers: Mapping[str, str], body: bytes) -> list[WebhookEvent]:
         return _delivery_events(report, report_key(report, body))
     if kind == "feedback-report":
         return arf.complaints(report, report_key(report, body))
-    # Auto-replies and other mail that reaches the bounce address carry no outcome.
+    # Auto-replies and other mail that reaches the bounce address carry no outcome. A body
+    # without the From and Date that every message has (RFC 5322 section 3.6) is no mail
+    # at all, though: garbage, JSON, a bare header block. That is unparseable (400).
+    if field(report, "From") is None or field(report, "Date") is None:
+        raise ParseError("body is not a mail message")
     return []
 
 
@@ -96,26 +106,52 @@ def _delivery_events(report: Message, key: str) -> list[WebhookEvent]:
     except ParseError:
         report_date = None
     events: dict[str, WebhookEvent] = {}
+    nameless: WebhookEvent | None = None
     for block in recipients:
         event = _recipient_event(block, report_date, key, message_id)
+        if event is not None and event.recipient is None:
+            nameless = nameless or event
         # A recipient listed twice with the same Action is one outcome, reported once.
-        if event is not None and event.event_id not in events:
+        elif event is not None and event.event_id not in events:
             events[event.event_id] = event
+    if not events and nameless is not None:
+        # A failure report with no usable recipient: handed on (once per report) so it is
+        # accepted and counted as unrecognised, never acted on (SPEC 4).
+        return [nameless]
     return list(events.values())
+
+
+def _recipient(block: Message) -> str | None:
+    """The address we mailed: ``Original-Recipient`` when usable, else ``Final-Recipient``."""
+    # Original-Recipient is the address as we gave it in RCPT TO; Final-Recipient may be
+    # what a forwarder rewrote it to, which we never mailed (SPEC 4).
+    for name in ("Original-Recipient", "Final-Recipient"):
+        value = field(block, name)
+        if value is None:
+            continue
+        kind, sep, _ = value.partition(";")
+        if sep and kind.strip().lower() not in ADDRESS_TYPES:
+            continue
+        found = address(value)
+        if found is not None:
+            return found
+    return None
 
 
 def _recipient_event(
     block: Message, report_date: datetime | None, key: str, message_id: str | None
 ) -> WebhookEvent | None:
-    recipient = address(field(block, "Final-Recipient") or field(block, "Original-Recipient"))
+    recipient = _recipient(block)
     # Action may carry a comment ("failed (mailbox gone)"): the first word decides.
     action = (field(block, "Action") or "").split(" ", 1)[0].split("(", 1)[0].lower()
-    if recipient is None or action not in ACTIONS:
+    if action in IGNORED_ACTIONS:
         return None
     status = field(block, "Status")
     diagnostic = field(block, "Diagnostic-Code")
     classified, enhanced, policy = classify_status(status, diagnostic)
-    type_ = ACTIONS[action] or classified
+    if action not in ACTIONS and (find_enhanced(status) or "")[:1] not in ("4", "5"):
+        return None
+    type_ = ACTIONS.get(action) or classified
     if type_ is EventType.DELIVERED and action == "failed":
         # A failure reported with a 2.x.x status is contradictory; count, never suppress.
         type_ = EventType.SOFT_BOUNCE
@@ -124,6 +160,8 @@ def _recipient_event(
     except ParseError:
         occurred_at = report_date
     if occurred_at is None:
+        if recipient is None:
+            return None  # nothing usable in this block either way
         raise ParseError("delivery report has no usable date")
     return WebhookEvent(
         provider=PROVIDER,
@@ -131,7 +169,10 @@ def _recipient_event(
         type=type_,
         recipient=recipient,
         occurred_at=occurred_at,
-        message_id=message_id,
+        # A DSN must name its recipient (SPEC 4). Without one our Message-ID is left out,
+        # so the applier does not fall back to that message's recipient as it does for
+        # a redacted complaint: the report is unrecognised.
+        message_id=message_id if recipient is not None else None,
         diagnostic=diagnostic,
         enhanced_status=enhanced,
         policy_rejection=policy,

@@ -85,7 +85,8 @@ def verify(headers: Mapping[str, str], body: bytes, config: WebhookConfig, now: 
 
 def parse(headers: Mapping[str, str], body: bytes) -> list[WebhookEvent]:
     """Turn a verified Mailgun body into zero or one event."""
-    data = as_object(as_object(load_json(body), "Mailgun body").get("event-data"), "event-data")
+    envelope = as_object(load_json(body), "Mailgun body")
+    data = as_object(envelope.get("event-data"), "event-data")
     name = req_str(data, "event")
     status = opt_object(data, "delivery-status")
     code = opt_text(status, "code")
@@ -106,12 +107,17 @@ def parse(headers: Mapping[str, str], body: bytes) -> list[WebhookEvent]:
         type_, raw_type = SIMPLE_EVENTS[name], name
     else:
         return []
+    # An event without "id" is identified by its one-time signature token, which Mailgun
+    # never reuses (SPEC 8); a missing recipient leaves our Message-ID to find the person.
+    event_id = opt_str(data, "id") or opt_str(opt_object(envelope, "signature"), "token")
+    if not event_id:
+        raise ParseError("event has neither an id nor a signature token")
     return [
         WebhookEvent(
             provider=PROVIDER,
-            event_id=req_str(data, "id"),
+            event_id=event_id,
             type=type_,
-            recipient=req_str(data, "recipient"),
+            recipient=opt_str(data, "recipient"),
             occurred_at=from_unix(data.get("timestamp")),
             message_id=_message_id(data),
             diagnostic=diagnostic,

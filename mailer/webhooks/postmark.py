@@ -12,7 +12,7 @@ from typing import Any
 
 from mailer.webhooks import limits
 from mailer.webhooks.config import WebhookConfig
-from mailer.webhooks.errors import NotConfigured, ParseError, VerificationFailed
+from mailer.webhooks.errors import NotConfigured, VerificationFailed
 from mailer.webhooks.events import EventType, WebhookEvent, stable_event_id
 from mailer.webhooks.headers import header
 from mailer.webhooks.payload import (
@@ -106,13 +106,19 @@ def parse(headers: Mapping[str, str], body: bytes) -> list[WebhookEvent]:
         type_, forced_policy = mapped
         diagnostic = opt_str(record, "Details") or opt_str(record, "Description")
         _, enhanced, policy = classify_status(None, opt_str(record, "Details"))
+        # A record without Email is applied as far as it can be (SPEC 8): our Message-ID,
+        # when present, names the person; without either it is counted as unrecognised.
+        email = opt_str(record, "Email")
+        when = req_str(record, "BouncedAt")
+        record_id = opt_text(record, "ID")
+        event_id = (f"{kind}:{record_id}" if record_id is not None else stable_event_id(
+            PROVIDER, kind, opt_str(record, "MessageID"), email, when, bounce_type))
         event = _event(
-            record, f"{kind}:{_req_text(record, 'ID')}", type_, req_str(record, "Email"),
-            req_str(record, "BouncedAt"), message_id, f"{kind}/{bounce_type}",
+            record, event_id, type_, email, when, message_id, f"{kind}/{bounce_type}",
             diagnostic, enhanced, policy or forced_policy,
         )
     elif kind == "Delivery":
-        recipient = req_str(record, "Recipient")
+        recipient = opt_str(record, "Recipient")
         when = req_str(record, "DeliveredAt")
         # Delivery records carry no ID of their own; Postmark's MessageID and the
         # recipient identify one delivery.
@@ -126,7 +132,7 @@ def parse(headers: Mapping[str, str], body: bytes) -> list[WebhookEvent]:
         # SuppressSending false is a reactivation; it never lifts our own blocks.
         if record.get("SuppressSending") is not True or reason not in SUPPRESSION_REASONS:
             return []
-        recipient = req_str(record, "Recipient")
+        recipient = opt_str(record, "Recipient")
         when = req_str(record, "ChangedAt")
         event_id = stable_event_id(
             PROVIDER, kind, opt_str(record, "MessageID"), recipient, when, reason
@@ -150,14 +156,6 @@ def handle(
     return parse(headers, body)
 
 
-def _req_text(record: Mapping[str, Any], key: str) -> str:
-    """Return ``record[key]`` as text (Postmark's IDs are numbers); ParseError when absent."""
-    value = opt_text(record, key)
-    if value is None:
-        raise ParseError(f"{key} is missing")
-    return value
-
-
 def _basic_credentials(value: str | None) -> tuple[bytes, bytes]:
     # RFC 7617: "Basic " + base64(user ":" password); the user may not contain ":".
     scheme, _, encoded = (value or "").strip().partition(" ")
@@ -177,7 +175,7 @@ def _event(
     record: Mapping[str, Any],
     event_id: str,
     type_: EventType,
-    recipient: str,
+    recipient: str | None,
     when: str,
     message_id: str | None,
     raw_type: str,

@@ -132,7 +132,9 @@ def _event(item: Mapping[str, Any]) -> WebhookEvent | None:
             _, enhanced, policy = classify_status(status, diagnostic)
     else:
         return None
-    email = req_str(item, "email")
+    # Every SendGrid event names its address; one that does not is still handed on and
+    # counted as unrecognised unless our Message-ID names the person (SPEC 8).
+    email = opt_str(item, "email")
     timestamp = item.get("timestamp")
     event_id = opt_str(item, "sg_event_id") or stable_event_id(
         PROVIDER, name, email, str(timestamp), opt_str(item, "sg_message_id")

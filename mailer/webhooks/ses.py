@@ -113,7 +113,7 @@ class _Context:
     def event(
         self,
         type_: EventType,
-        recipient: str,
+        recipient: str | None,
         when: str | None,
         raw_type: str,
         diagnostic: str | None = None,
@@ -124,7 +124,7 @@ class _Context:
             provider=PROVIDER,
             # One SNS message may name several recipients; the pair is unique and stable
             # across SNS retries, which reuse the MessageId.
-            event_id=f"{self.sns_id}:{recipient}",
+            event_id=f"{self.sns_id}:{recipient or ''}",
             type=type_,
             recipient=recipient,
             occurred_at=from_iso(when or self.fallback_time),
@@ -147,6 +147,8 @@ def _our_message_id(mail: Mapping[str, Any]) -> str | None:
 
 
 def _recipients(container: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]:
+    # An entry without emailAddress is still handed on (SPEC 8): our Message-ID may name
+    # the person, and otherwise it is counted as unrecognised.
     return [as_object(r, key) for r in as_list(container.get(key) or [], key)]
 
 
@@ -160,7 +162,7 @@ def _bounces(bounce: Mapping[str, Any], ctx: _Context) -> list[WebhookEvent]:
         _, enhanced, policy = classify_status(opt_str(entry, "status"), diagnostic)
         events.append(
             ctx.event(
-                type_, req_str(entry, "emailAddress"), opt_str(bounce, "timestamp"), raw_type,
+                type_, opt_str(entry, "emailAddress"), opt_str(bounce, "timestamp"), raw_type,
                 diagnostic, enhanced, policy,
             )
         )
@@ -173,7 +175,7 @@ def _complaints(complaint: Mapping[str, Any], ctx: _Context) -> list[WebhookEven
         return []
     when = opt_str(complaint, "timestamp")
     return [
-        ctx.event(EventType.COMPLAINT, req_str(entry, "emailAddress"), when, "Complaint")
+        ctx.event(EventType.COMPLAINT, opt_str(entry, "emailAddress"), when, "Complaint")
         for entry in _recipients(complaint, "complainedRecipients")
     ]
 
@@ -200,7 +202,7 @@ def _delays(delay: Mapping[str, Any], ctx: _Context) -> list[WebhookEvent]:
         diagnostic = opt_str(entry, "diagnosticCode")
         _, enhanced, policy = classify_status(opt_str(entry, "status"), diagnostic)
         events.append(
-            ctx.event(EventType.DEFERRED, req_str(entry, "emailAddress"), when, raw_type,
+            ctx.event(EventType.DEFERRED, opt_str(entry, "emailAddress"), when, raw_type,
                       diagnostic, enhanced, policy)
         )
     return events

@@ -6,6 +6,7 @@ import base64
 import binascii
 import functools
 import re
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -58,8 +59,11 @@ MAX_AGE = timedelta(hours=1)
 #: How far a Timestamp may lie in the future (clock skew between AWS and us).
 MAX_SKEW = timedelta(minutes=5)
 
-#: Seconds to wait for AWS when a certificate is not pre-provisioned.
+#: Seconds to wait for AWS when a certificate is not pre-provisioned (each socket step).
 FETCH_TIMEOUT = 5.0
+#: Seconds a whole download may take: the per-step timeout alone lets a server that drips
+#: a byte every few seconds hold the request (and its worker thread) for hours.
+FETCH_DEADLINE = 10.0
 #: Largest certificate accepted from the network; SNS certificates are about 2 KB.
 MAX_CERT_BYTES = 64 * 1024
 
@@ -102,18 +106,29 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 @functools.lru_cache(maxsize=32)
 def fetch_certificate(url: str) -> bytes:
-    """Download a signing certificate from a checked SNS URL; cached for the process."""
+    """Download a signing certificate from a checked SNS URL; cached for the process.
+
+    Blocking: the web layer calls it from a worker thread, never on the event loop.
+    """
     cert_file_name(url)  # defence in depth: never fetch an unchecked URL
     opener = urllib.request.build_opener(_NoRedirect)
+    deadline = time.monotonic() + FETCH_DEADLINE
+    data = bytearray()
     try:
         # The URL was checked to be https on an SNS host just above.
         with opener.open(url, timeout=FETCH_TIMEOUT) as response:
-            data: bytes = response.read(MAX_CERT_BYTES + 1)
+            while len(data) <= MAX_CERT_BYTES:
+                if time.monotonic() > deadline:
+                    raise CertificateUnavailable("SNS signing certificate download too slow")
+                chunk = response.read1(16 * 1024)
+                if not chunk:
+                    break
+                data += chunk
     except (OSError, ValueError) as exc:
         raise CertificateUnavailable("SNS signing certificate could not be fetched") from exc
     if len(data) > MAX_CERT_BYTES:
         raise CertificateUnavailable("SNS signing certificate is implausibly large")
-    return data
+    return bytes(data)
 
 
 def load_public_key(url: str, config: WebhookConfig) -> rsa.RSAPublicKey:

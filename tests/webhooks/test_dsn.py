@@ -106,11 +106,50 @@ def test_last_attempt_date_wins_over_report_date() -> None:
 def test_utf8_address_type_is_decoded() -> None:
     # Given an RFC 6533 utf-8 address with an escaped character
     body = fixture_bytes("dsn.eml").replace(
-        b"Final-Recipient: rfc822; nobody@example.org",
-        b"Final-Recipient: utf-8; j\\x{F6}rg@example.org",
+        b"Original-Recipient: rfc822; nobody@example.org",
+        b"Original-Recipient: utf-8; j\\x{F6}rg@example.org",
     )
     # When parsed / Then the address is decoded
     assert dsn.parse({}, body)[0].recipient == "jörg@example.org"
+
+
+def test_original_recipient_wins_over_final_recipient() -> None:
+    # Given a report whose Final-Recipient is a forwarding target we never mailed
+    body = fixture_bytes("dsn.eml").replace(
+        b"Final-Recipient: rfc822; nobody@example.org",
+        b"Final-Recipient: rfc822; forwarded@elsewhere.example",
+    )
+    # When parsed / Then the recipient is the address we mailed (SPEC 4)
+    assert dsn.parse({}, body)[0].recipient == "nobody@example.org"
+
+
+def test_other_address_types_are_skipped() -> None:
+    # Given an x400 Original-Recipient and an rfc822 Final-Recipient
+    body = fixture_bytes("dsn.eml").replace(
+        b"Original-Recipient: rfc822; nobody@example.org",
+        b"Original-Recipient: x400; /G=Nobody/S=Example/",
+    )
+    # When parsed / Then the rfc822 one is taken
+    assert dsn.parse({}, body)[0].recipient == "nobody@example.org"
+
+
+def test_unknown_action_is_read_by_its_status() -> None:
+    # Given an Action no RFC defines, with a 5.1.1 status / When parsed
+    first = dsn.parse({}, _dsn_with("5.1.1", "smtp; 550 5.1.1 unknown", "bounced"))[0]
+    # Then the status decides: a hard bounce
+    assert (first.recipient, first.type) == ("nobody@example.org", EventType.HARD_BOUNCE)
+
+
+def test_report_without_a_usable_recipient_is_one_nameless_event() -> None:
+    # Given a failure report whose every recipient is of an address type we never mail
+    body = (fixture_bytes("dsn.eml")
+            .replace(b"rfc822; nobody@example.org", b"x400; /G=Nobody/")
+            .replace(b"rfc822; full@example.org", b"x400; /G=Full/"))
+    # When parsed
+    events = dsn.parse({}, body)
+    # Then one event names nobody and carries no Message-ID: the caller counts it as
+    # unrecognised and acts on no one (SPEC 4)
+    assert [(e.recipient, e.message_id) for e in events] == [(None, None)]
 
 
 def test_arf_fixture_is_a_complaint(config: WebhookConfig) -> None:
@@ -160,11 +199,13 @@ def test_non_complaint_feedback_types_are_ignored(feedback: str) -> None:
     assert dsn.parse({}, body) == []
 
 
-def test_arf_with_neither_recipient_nor_message_id_yields_nothing() -> None:
+def test_arf_with_neither_recipient_nor_message_id_names_nobody() -> None:
     # Given a redacted report whose original headers lack a Message-ID
     body = fixture_bytes("arf_redacted.eml").replace(b"Message-ID: <msg-43@example.com>\r\n", b"")
-    # When parsed / Then there is nobody to act on
-    assert dsn.parse({}, body) == []
+    # When parsed / Then one complaint names nobody: accepted and counted as unrecognised
+    # by the caller, never acted on (SPEC 4)
+    [event] = dsn.parse({}, body)
+    assert (event.type, event.recipient, event.message_id) == (EventType.COMPLAINT, None, None)
 
 
 def test_plain_message_is_not_a_report() -> None:
@@ -172,6 +213,17 @@ def test_plain_message_is_not_a_report() -> None:
     body = (b"From: a@example.org\r\nSubject: Away\r\n"
             b"Date: Mon, 01 Jan 2024 00:00:00 +0000\r\n\r\nHi")
     assert dsn.parse({}, body) == []
+
+
+@pytest.mark.parametrize(
+    "body", [b"", b"this is not a report", b'{"Type": "Notification"}',
+             b"Subject: only a subject\r\n\r\nbody"],
+)
+def test_body_that_is_no_mail_message_is_a_parse_error(body: bytes) -> None:
+    # Given a body without the From and Date every message has (RFC 5322 section 3.6)
+    # When parsed / Then it is unparseable (400), unlike an auto-reply, which is mail
+    with pytest.raises(ParseError):
+        dsn.parse({}, body)
 
 
 @pytest.mark.parametrize(

@@ -251,3 +251,16 @@ def test_memory_store_forgets_expired_tokens() -> None:
     assert store.add_if_new("c", clock[0] + timedelta(minutes=5))
     assert len(store) <= 2
     assert not store.add_if_new("c", clock[0] + timedelta(minutes=5))
+
+
+def test_event_without_id_is_identified_by_its_signature_token(
+    config: WebhookConfig, key: str
+) -> None:
+    # Given a signed permanent failure whose event-data has no "id"
+    token = secrets.token_hex(25)
+    payload = json.loads(mailgun_body("mailgun_failed_permanent.json", key, STAMP, token))
+    del payload["event-data"]["id"]
+    # When handled
+    [event] = mailgun.handle({}, json.dumps(payload).encode(), config, NOW)
+    # Then it is accepted, its id being the one-time signature token (SPEC 8)
+    assert (event.event_id, event.type) == (token, EventType.HARD_BOUNCE)

@@ -214,3 +214,16 @@ def test_open_and_click_are_ignored(config: WebhookConfig) -> None:
     # Given an Open record / When handled / Then there is nothing to act on
     body = json.dumps({"RecordType": "Open", "MessageID": "x", "Recipient": "a@b"}).encode()
     assert postmark.handle(AUTH, body, config, NOW) == []
+
+
+def test_bounce_without_email_is_accepted_for_our_message_id() -> None:
+    # Given a SpamComplaint record that lacks Email but carries our Message-ID in Metadata
+    record = fixture_json("postmark_bounce.json")
+    del record["Email"]
+    record.update(RecordType="SpamComplaint", Type="SpamComplaint")
+    # When parsed
+    [event] = postmark.parse({}, json.dumps(record).encode())
+    # Then it is a complaint naming nobody, left to our Message-ID to find the person
+    # (SPEC 8: applied as far as it can be, never a 400)
+    assert (event.type, event.recipient, event.message_id) == (
+        EventType.COMPLAINT, None, "msg-42@example.com")

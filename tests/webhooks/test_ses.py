@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -446,3 +447,31 @@ def test_oversized_body_is_refused_before_verification(config: WebhookConfig) ->
 def test_certificate_file_name_comes_from_the_last_path_segment() -> None:
     # Given an SNS certificate URL / When checked / Then its last segment names the file
     assert sns.cert_file_name(CERT_URL) == "SimpleNotificationService-0000000000000000000000.pem"
+
+
+def test_certificate_download_that_drips_is_cut_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a certificate host that sends one byte every 50 ms, each in time for the
+    # per-step socket timeout, and a 0.3 s deadline for the whole download
+    class Drip:
+        def __enter__(self) -> Drip:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+        def read1(self, size: int) -> bytes:
+            time.sleep(0.05)
+            return b"x"
+
+    class Opener:
+        def open(self, url: str, timeout: float) -> Drip:
+            return Drip()
+
+    monkeypatch.setattr(sns.urllib.request, "build_opener", lambda *handlers: Opener())
+    monkeypatch.setattr(sns, "FETCH_DEADLINE", 0.3)
+    sns.fetch_certificate.cache_clear()
+    # When the certificate is fetched / Then it gives up at the deadline: 503, not hours
+    started = time.monotonic()
+    with pytest.raises(CertificateUnavailable):
+        sns.fetch_certificate(CERT_URL)
+    assert time.monotonic() - started < 2
