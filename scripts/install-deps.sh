@@ -36,9 +36,10 @@ apt_update_once() {
     fi
 }
 
-# Debian's maintainer scripts start a freshly installed redis/postgres on the default ports
-# 6379/5432 through invoke-rc.d. We run our own instances on our own ports and dirs, so a
-# temporary policy-rc.d (exit 101 = "action forbidden") keeps those services from starting.
+# Debian's maintainer scripts start a freshly installed redis/postgres/postfix/dovecot on
+# the default ports (6379/5432/25/143) through invoke-rc.d. We run our own instances on
+# our own ports and dirs, so a temporary policy-rc.d (exit 101 = "action forbidden") keeps
+# those services from starting.
 # An existing policy-rc.d (Docker images ship one) is left exactly as it is.
 POLICY=/usr/sbin/policy-rc.d
 our_policy=0
@@ -72,6 +73,10 @@ fi
 if [ "$with_test" -eq 1 ]; then
     postgres_bin_present || missing+=(postgresql)
     command -v chromium >/dev/null || missing+=(chromium)
+    # A real Postfix relay for tests/relays.py, with Dovecot's auth service for SMTP AUTH
+    # (both live in /usr/sbin, which a non-root PATH may lack).
+    [ -x /usr/sbin/postfix ] || missing+=(postfix)
+    [ -x /usr/sbin/dovecot ] || missing+=(dovecot-core)
 fi
 if [ "${#missing[@]}" -gt 0 ]; then
     apt_install "${missing[@]}"

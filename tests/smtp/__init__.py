@@ -1,0 +1,1 @@
+"""Tests of :mod:`mailer.smtp`: sending pace, EHLO name."""
