@@ -2,16 +2,21 @@
 
 File templates are written by developers and reviewed like code; these come from anyone
 holding a ``marketing`` key, so they are treated as untrusted input (SPEC 7: "rendered in
-a sandbox"). Three layers:
+a sandbox"). Four layers:
 
-1. On save, the template's syntax tree is checked against allow-lists (statements,
-   filters, functions, methods). Anything that is a known road to Python internals
+1. Before jinja2 parses anything, the token stream is held to static bounds: tokens per
+   template and per tag, bracket and block nesting, filters per tag, and how often the
+   operators and names that build large values (``~``, ``+``, ``*``, ``batch``, ``join``,
+   ``range``) appear. jinja2's parser recurses per nesting level and its code generator
+   is super-linear in the depth of an expression, so this check is what keeps compiling
+   an accepted template well under a second, and a refused one costs microseconds.
+2. The syntax tree is checked against allow-lists (statements, filters, functions,
+   methods) and size bounds. Anything that is a known road to Python internals
    (``__class__``, ``mro``, ``|attr``, ``str.format``, ...) or to unbounded work
    (``**``, ``recursive`` loops, macros, ``{% set %}`` accumulators) is refused with a 422.
-2. Rendering runs in jinja2's ``ImmutableSandboxedEnvironment`` (autoescaped HTML,
-   ``StrictUndefined``), with the allowed filters only, so the runtime agrees with (1).
-3. Every render has a budget: loop iterations, characters produced by ``*``, characters of
-   output and wall-clock time. A template that exceeds it fails that one message.
+3. Rendering runs in the sandbox of :mod:`mailer.sandbox`, with the allowed filters only
+   and a budget per render (iterations, the size of every value built, output and time).
+   A template that exceeds it fails that one message.
 """
 
 from __future__ import annotations
@@ -20,37 +25,49 @@ import re
 import threading
 import time
 import tomllib
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from jinja2 import Environment, StrictUndefined, meta, nodes
+from jinja2 import Environment, meta, nodes
 from jinja2 import Template as JinjaTemplate
 from jinja2 import TemplateError as JinjaError
 from jinja2.exceptions import SecurityError
-from jinja2.runtime import Context
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from sqlalchemy import Connection, Engine, Row, insert, select, update
 
 from mailer.errors import TemplateError, ValidationFailed
+from mailer.headers import check_header_value
 from mailer.htmltext import html_to_text
 from mailer.runtime import Runtime
+from mailer.sandbox import (
+    ALLOWED_FILTERS,
+    HTML,
+    TEXT,
+    guard_loops,
+    render_part,
+    start_render,
+)
 from mailer.schema import marketing_templates
 from mailer.templates import Catalogue, Rendered, Template
 from suppression.policy import Category
 
 #: Largest template source accepted per part (subject, HTML, text).
 MAX_SOURCE_CHARS = {"subject": 998, "html": 256_000, "text": 128_000}
-#: Per render: loop iterations, characters built by ``*`` and characters of output
-#: (Gmail clips a message at about 102 kB, so a marketing mail never needs more).
-MAX_ITERATIONS = 100_000
-MAX_MULTIPLIED_CHARS = 200_000
-MAX_OUTPUT_CHARS = 1_000_000
-#: Wall-clock limit of one render (all parts).
-MAX_RENDER_SECONDS = 1.0
+#: Static bounds of one template (all parts together unless "per tag"), checked on the
+#: token stream before jinja2 parses it, then on the syntax tree before it compiles.
+MAX_TOKENS = 10_000
+MAX_TAG_TOKENS = 200
+MAX_BRACKET_DEPTH = 6
+MAX_BLOCK_DEPTH = 8
+MAX_FILTER_CHAIN = 10
+MAX_EXPRESSION_DEPTH = 20
+MAX_NODES = 5_000
+#: Operators and names that build values larger than their inputs, counted per template.
+MAX_USES = {"~": 100, "+": 100, "*": 20, "batch": 5, "join": 20, "range": 10}
 #: Loops nest at most this deep, so iterations cannot multiply beyond the budget's reach.
 MAX_LOOP_DEPTH = 2
 #: Variable references per template: bounds how often large data can be repeated.
@@ -62,18 +79,6 @@ PROFILE_VARIABLES = frozenset({"name", "email", "attributes"})
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,99}$")
 
-#: Filters that only transform values. Left out on purpose: ``attr`` (attribute access by
-#: string), ``format`` (string formatting), ``center``, ``indent``, ``wordwrap``,
-#: ``replace``, ``slice`` (an argument scales the work or output), ``pprint`` and
-#: ``random``.
-ALLOWED_FILTERS = frozenset({
-    "abs", "batch", "capitalize", "count", "d", "default", "dictsort", "e", "escape",
-    "filesizeformat", "first", "float", "forceescape", "groupby", "int", "items", "join",
-    "last", "length", "list", "lower", "map", "max", "min", "reject", "rejectattr",
-    "reverse", "round", "safe", "select", "selectattr", "sort", "string", "striptags",
-    "sum", "title", "tojson", "trim", "truncate", "unique", "upper", "urlencode", "urlize",
-    "wordcount", "xmlattr",
-})
 #: Filters whose arguments name another filter, a test or an attribute.
 _DISPATCHING_FILTERS = frozenset({"map", "select", "reject", "selectattr", "rejectattr"})
 #: Functions a template may call by name.
@@ -102,7 +107,6 @@ _ALLOWED_NODES: tuple[type[nodes.Node], ...] = (
     nodes.Mul, nodes.Div, nodes.FloorDiv, nodes.Getattr, nodes.Getitem, nodes.Slice,
     nodes.Filter, nodes.Test, nodes.Call,
 )
-_GUARD_FILTER = "_bounded_iteration"
 
 
 class UnsafeTemplate(ValidationFailed):
@@ -111,92 +115,105 @@ class UnsafeTemplate(ValidationFailed):
     code = "unsafe_template"
 
 
-class _Budget(threading.local):
-    """What the render on this thread may still spend."""
+@dataclass
+class _Tally:
+    """What the parts of one template have used so far, against the static bounds."""
 
-    def __init__(self) -> None:
-        self.reset(0.0)
-
-    def reset(self, deadline: float) -> None:
-        self.deadline = deadline
-        self.iterations = 0
-        self.multiplied = 0
+    tokens: int = 0
+    nodes: int = 0
+    references: int = 0
+    uses: Counter[str] = field(default_factory=Counter)
 
 
-_budget = _Budget()
+#: Block tags that open a level jinja2's parser recurses into (``set`` without ``=``).
+_OPENERS = frozenset({"for", "if", "with", "filter", "block", "macro", "call", "autoescape",
+                      "trans", "set"})
+_OPERATOR_TOKENS = {"tilde": "~", "add": "+", "mul": "*"}
+_BRACKETS = {"lparen": 1, "lbracket": 1, "lbrace": 1, "rparen": -1, "rbracket": -1,
+             "rbrace": -1}
 
 
-def _bounded(iterable: Iterable[Any]) -> Iterator[Any]:
-    """Every ``{% for %}`` iterates through this: it counts and watches the clock."""
-    for item in iterable:
-        _budget.iterations += 1
-        if _budget.iterations > MAX_ITERATIONS:
-            raise SecurityError("the template loops too many times")
-        if _budget.iterations % 256 == 0 and time.monotonic() > _budget.deadline:
-            raise SecurityError("the template took too long to render")
-        yield item
+def _lexical_problem(env: Environment, source: str, tally: _Tally) -> str | None:
+    """The first static bound the token stream of ``source`` exceeds, if any.
+
+    Reading stops there, so a refused template costs a few microseconds per token read.
+    """
+    blocks = tag_tokens = brackets = pipes = 0
+    opener: str | None = None
+    assigns = False
+    for token in env.lexer.tokenize(source):
+        kind = token.type
+        if kind in ("block_begin", "variable_begin"):
+            tag_tokens = brackets = pipes = 0
+            opener, assigns = ("" if kind == "block_begin" else None), False
+            continue
+        if kind in ("block_end", "variable_end"):
+            if opener in _OPENERS and not (opener == "set" and assigns):
+                blocks += 1
+                if blocks > MAX_BLOCK_DEPTH:
+                    return f"blocks nest deeper than {MAX_BLOCK_DEPTH} (line {token.lineno})"
+            elif opener and opener.startswith("end"):
+                blocks -= 1
+            continue
+        if kind == "data":
+            continue
+        tally.tokens += 1
+        tag_tokens += 1
+        if tally.tokens > MAX_TOKENS:
+            return f"more than {MAX_TOKENS} tokens inside tags"
+        if tag_tokens > MAX_TAG_TOKENS:
+            return f"a tag of more than {MAX_TAG_TOKENS} tokens (line {token.lineno})"
+        if kind == "name":
+            if opener == "":
+                opener = token.value
+            if token.value in MAX_USES:
+                tally.uses[token.value] += 1
+        elif kind in _OPERATOR_TOKENS:
+            tally.uses[_OPERATOR_TOKENS[kind]] += 1
+        elif kind == "assign":
+            assigns = True
+        elif kind == "pipe":
+            pipes += 1
+            if pipes > MAX_FILTER_CHAIN:
+                return f"more than {MAX_FILTER_CHAIN} filters in one tag (line {token.lineno})"
+        elif kind in _BRACKETS:
+            brackets += _BRACKETS[kind]
+            if brackets > MAX_BRACKET_DEPTH:
+                return f"brackets nest deeper than {MAX_BRACKET_DEPTH} (line {token.lineno})"
+    for what, count in tally.uses.items():
+        if count > MAX_USES[what]:
+            return f"{what!r} is used more than {MAX_USES[what]} times"
+    return None
 
 
-def _bounded_range(*args: int) -> range:
-    """``range`` for templates, never longer than the iteration budget."""
-    result = range(*args)
-    if len(result) > MAX_ITERATIONS:
-        raise SecurityError("range too large")
-    return result
-
-
-class _Sandbox(ImmutableSandboxedEnvironment):
-    """The sandbox with sized ``*``, no ``**``, no ``%`` formatting and fewer filters."""
-
-    # Intercepted operators are also never constant-folded at compile time.
-    intercepted_binops = frozenset({"*", "**", "%"})
-
-    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
-        """Check the size of what ``*`` would build; refuse ``**`` and ``%`` on text."""
-        if operator == "**":
-            raise SecurityError("the ** operator is not allowed")
-        if operator == "%" and isinstance(left, str):
-            raise SecurityError("%-formatting is not allowed")
-        if operator == "*":
-            for seq, times in ((left, right), (right, left)):
-                if isinstance(seq, str | list | tuple) and isinstance(times, int):
-                    _budget.multiplied += len(seq) * max(times, 0)
-                    if _budget.multiplied > MAX_MULTIPLIED_CHARS:
-                        raise SecurityError("the template builds too large a value")
-        return super().call_binop(context, operator, left, right)
-
-
-def _sandbox(autoescape: bool) -> _Sandbox:
-    env = _Sandbox(autoescape=autoescape, undefined=StrictUndefined, keep_trailing_newline=True)
-    env.filters = {k: v for k, v in env.filters.items() if k in ALLOWED_FILTERS}
-    env.filters[_GUARD_FILTER] = _bounded
-    env.globals = {"range": _bounded_range, "dict": dict,
-                   "cycler": env.globals["cycler"], "joiner": env.globals["joiner"]}
-    return env
-
-
-_HTML = _sandbox(autoescape=True)
-_TEXT = _sandbox(autoescape=False)
-
-
-def _problems(tree: nodes.Template) -> list[str]:
-    """Everything in ``tree`` that the allow-lists refuse, as readable sentences."""
+def _problems(tree: nodes.Template, tally: _Tally) -> list[str]:
+    """Everything in ``tree`` that the allow-lists and bounds refuse, as readable sentences."""
     found: list[str] = []
-    references = 0
 
-    def visit(node: nodes.Node, depth: int) -> None:
-        nonlocal references
+    def visit(node: nodes.Node, loops: int, depth: int, buffered: bool) -> None:
+        tally.nodes += 1
         if not isinstance(node, _ALLOWED_NODES):
             found.append(f"{type(node).__name__} is not allowed (line {node.lineno})")
             return
-        if isinstance(node, nodes.For):
+        # Depth of an expression: statements start again from zero.
+        depth = 0 if isinstance(node, nodes.Stmt | nodes.Template) else depth + 1
+        if depth > MAX_EXPRESSION_DEPTH:
+            found.append(f"an expression nests deeper than {MAX_EXPRESSION_DEPTH} "
+                         f"(line {node.lineno})")
+            return
+        if isinstance(node, nodes.FilterBlock):
+            buffered = True
+        elif isinstance(node, nodes.For):
             if node.recursive:
                 found.append(f"recursive loops are not allowed (line {node.lineno})")
-            depth += 1
-            if depth > MAX_LOOP_DEPTH:
+            if buffered:
+                # A filter block holds its whole body in memory before filtering it.
+                found.append(f"loops inside filter blocks are not allowed (line {node.lineno})")
+            loops += 1
+            if loops > MAX_LOOP_DEPTH:
                 found.append(f"loops nest deeper than {MAX_LOOP_DEPTH} (line {node.lineno})")
         elif isinstance(node, nodes.Name):
-            references += 1
+            tally.references += 1
             if node.name.startswith("_") or node.name in FORBIDDEN_NAMES:
                 found.append(f"the name {node.name!r} is not allowed")
         elif isinstance(node, nodes.Getattr):
@@ -234,20 +251,22 @@ def _problems(tree: nodes.Template) -> list[str]:
                 found.append(f"only named functions and methods may be called "
                              f"(line {node.lineno})")
         for child in node.iter_child_nodes():
-            visit(child, depth)
+            visit(child, loops, depth, buffered)
 
-    visit(tree, 0)
-    if references > MAX_REFERENCES:
+    visit(tree, 0, 0, False)
+    if tally.references > MAX_REFERENCES:
         found.append(f"more than {MAX_REFERENCES} variable references")
+    if tally.nodes > MAX_NODES:
+        found.append(f"more than {MAX_NODES} syntax nodes")
     return sorted(set(found))
 
 
-def _guard_loops(tree: nodes.Template) -> nodes.Template:
-    """Route every loop's iterable through the budget filter."""
-    for loop in tree.find_all(nodes.For):
-        loop.iter = nodes.Filter(loop.iter, _GUARD_FILTER, [], [], None, None,
-                                 lineno=loop.lineno)
-    return tree
+def _variables(env: Environment, tree: nodes.Template) -> frozenset[str]:
+    """The names ``tree`` reads from its data (jinja2.meta, without constant folding)."""
+    tracker = meta.TrackingCodeGenerator(env)
+    tracker.optimizer = None  # folding would run filters on constants outside any budget
+    tracker.visit(tree)
+    return frozenset(tracker.undeclared_identifiers)
 
 
 @dataclass(frozen=True)
@@ -258,39 +277,40 @@ class Checked:
     variables: frozenset[str]
 
 
-def check_part(part: str, source: str) -> Checked:
-    """Parse, check and compile one part; raise 422 :class:`UnsafeTemplate` or a syntax error."""
+def check_part(part: str, source: str, tally: _Tally | None = None) -> Checked:
+    """Check and compile one part; 422 :class:`UnsafeTemplate`, ``template_error`` or
+    ``invalid_header`` when it may not be stored.
+
+    ``tally`` carries the static bounds across the parts of one template.
+    """
+    tally = tally if tally is not None else _Tally()
     limit = MAX_SOURCE_CHARS[part]
     if len(source) > limit:
         raise ValidationFailed(f"the {part} is longer than {limit} characters")
-    env = _HTML if part == "html" else _TEXT
+    if part == "subject":
+        # Its literal text goes into the Subject header of every mail: a control character
+        # or an encoded-word hiding one would be refused at every send, so refuse it now.
+        check_header_value("subject", source)
+    env = HTML if part == "html" else TEXT
     try:
+        problem = _lexical_problem(env, source, tally)
+        if problem is not None:
+            raise UnsafeTemplate(f"the {part} exceeds what stored templates may hold",
+                                 details={"part": part, "problems": [problem]})
         tree = env.parse(source)
+        problems = _problems(tree, tally)
+        if problems:
+            raise UnsafeTemplate(f"the {part} uses what stored templates may not",
+                                 details={"part": part, "problems": problems})
+        variables = _variables(env, tree)
+        compiled = env.from_string(guard_loops(tree))
     except JinjaError as exc:
         raise TemplateError(f"the {part} does not compile: {exc}") from None
-    problems = _problems(tree)
-    if problems:
-        raise UnsafeTemplate(f"the {part} uses what stored templates may not",
-                             details={"part": part, "problems": problems})
-    variables = frozenset(meta.find_undeclared_variables(tree))
-    try:
-        compiled = env.from_string(_guard_loops(tree))
-    except JinjaError as exc:
-        raise TemplateError(f"the {part} does not compile: {exc}") from None
+    except (RecursionError, SyntaxError):
+        # Not expected within the bounds above; kept so that a gap in them is a 422 too.
+        raise UnsafeTemplate(f"the {part} is too complex to compile",
+                             details={"part": part, "problems": ["too complex"]}) from None
     return Checked(compiled, variables)
-
-
-def _render(template: JinjaTemplate, data: Mapping[str, Any], spent: int) -> tuple[str, int]:
-    """Render streaming, stopping as soon as the output or the clock runs over."""
-    pieces: list[str] = []
-    for piece in template.generate(data):
-        spent += len(piece)
-        if spent > MAX_OUTPUT_CHARS:
-            raise SecurityError("the template renders too large a message")
-        if time.monotonic() > _budget.deadline:
-            raise SecurityError("the template took too long to render")
-        pieces.append(piece)
-    return "".join(pieces), spent
 
 
 class StoredTemplate(Template):
@@ -306,19 +326,20 @@ class StoredTemplate(Template):
         self.required = ()
         self.description = ""
         self.version = version
-        self._parts = (check_part("subject", subject), check_part("html", html),
-                       check_part("text", text) if text is not None else None)
+        tally = _Tally()
+        self._parts = (check_part("subject", subject, tally), check_part("html", html, tally),
+                       check_part("text", text, tally) if text is not None else None)
         self.variables = frozenset().union(*(p.variables for p in self._parts if p))
 
     def render(self, data: Mapping[str, Any], *, derive_text: bool = True) -> Rendered:
         """Render all parts within the budget; :class:`TemplateError` when it is exceeded."""
         subject_part, html_part, text_part = self._parts
-        _budget.reset(time.monotonic() + MAX_RENDER_SECONDS)
+        start_render()
         try:
-            subject, spent = _render(subject_part.template, data, 0)
-            html, spent = _render(html_part.template, data, spent)
+            subject, spent = render_part(subject_part.template, data, 0)
+            html, spent = render_part(html_part.template, data, spent)
             if text_part is not None:
-                text, spent = _render(text_part.template, data, spent)
+                text, spent = render_part(text_part.template, data, spent)
             else:
                 text = html_to_text(html) if derive_text else ""
         except SecurityError as exc:

@@ -7,6 +7,11 @@ import hmac
 
 from email_validator import EmailNotValidError, validate_email
 
+#: RFC 5321 section 4.5.3.1.3: a path is at most 256 octets, angle brackets included.
+MAX_ADDRESS_LENGTH = 254
+#: RFC 5321 section 4.5.3.1.1: a local part is at most 64 octets.
+MAX_LOCAL_PART_LENGTH = 64
+
 
 class InvalidAddressError(ValueError):
     """Raised when an address cannot be used as a recipient; the message never echoes it."""
@@ -22,8 +27,16 @@ def normalise(address: str, *, test_environment: bool = False) -> str:
     """
     if not isinstance(address, str):
         raise InvalidAddressError("an email address must be a string")
+    if len(address) > MAX_ADDRESS_LENGTH:
+        # Checked before any parsing, so an oversized input costs nothing to refuse.
+        raise InvalidAddressError(f"an email address is at most {MAX_ADDRESS_LENGTH} characters")
     if "@" not in address:
         raise InvalidAddressError("an email address must contain an @-sign")
+    if "=?" in address:
+        # RFC 2047 section 5: an encoded-word MUST NOT appear in any portion of an
+        # addr-spec. "=?" is legal atext, but a mail client that decodes it anyway would
+        # show (or reply to) something other than what we validated.
+        raise InvalidAddressError("an email address may not contain an RFC 2047 encoded-word")
     local, _, _ = address.rpartition("@")
     if not local.isascii():
         # We send ASCII-only envelopes: a non-ASCII local part needs SMTPUTF8 (RFC 6531)
@@ -54,7 +67,11 @@ def normalise(address: str, *, test_environment: bool = False) -> str:
         raise InvalidAddressError(
             "internationalised characters before the @-sign are not supported"
         )
-    return f"{validated.local_part}@{ascii_domain}"
+    normalised = f"{validated.local_part}@{ascii_domain}"
+    # The limits hold for the form we send: a punycode domain is longer than its U-label.
+    if len(validated.local_part) > MAX_LOCAL_PART_LENGTH or len(normalised) > MAX_ADDRESS_LENGTH:
+        raise InvalidAddressError("the address is too long for SMTP")
+    return normalised
 
 
 def address_hash(normalised: str, key: bytes) -> str:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
 import pytest
 
+from mailer.errors import RequestError
 from tests.conftest import auth, unique_email
 
 SPRING = {
@@ -170,3 +172,148 @@ def test_listing_shows_file_and_stored_templates(client: Any, keys: dict[str, st
     assert by_name["newsletter"]["source"] == "file"
     assert by_name["registration_confirmation"]["required"] == ["name", "confirm_url"]
     assert (by_name[name]["source"], by_name[name]["topic"]) == ("stored", "newsletter")
+
+
+@pytest.mark.parametrize(("html", "problem"), [
+    # jinja2 compiles a chain of 300 filters in about half a minute: refused unparsed.
+    ("{{ x" + "|upper" * 300 + " }}", "filters in one tag"),
+    ("{{ x" + " ~ x" * 5000 + " }}", "tokens"),
+    ("{{ " + "(1 + " * 200 + "1" + ")" * 200 + " }}", "brackets nest deeper"),
+    ("{% if x %}" * 400 + "{% endif %}" * 400, "blocks nest deeper"),
+    ("{{ x" + ".a" * 60 + " }}", "expression nests deeper"),
+    ("{{ " + "not " * 150 + "x }}", "expression nests deeper"),
+    ("{{ x ~ x }}" * 101, "'~' is used more than"),
+    ("{{ x|join }}" * 21, "'join' is used more than"),
+    ("{{ x|batch(2) }}" * 6, "'batch' is used more than"),
+    ("{{ range(2) }}" * 11, "'range' is used more than"),
+    ("{{ x * 2 }}" * 21, "'*' is used more than"),
+    ("{{ x.y }}" * 3400, "tokens inside tags"),
+    ("{{ x|upper|upper|upper|upper }}" * 1100, "syntax nodes"),
+])
+def test_static_bounds_refuse_before_jinja_compiles(html: str, problem: str) -> None:
+    from mailer.marketing_templates import StoredTemplate, UnsafeTemplate
+
+    # When a template beyond a static bound is checked
+    started = time.perf_counter()
+    with pytest.raises(UnsafeTemplate) as caught:
+        StoredTemplate("bounded", "newsletter", "s", html, None)
+    # Then it is refused as unsafe, naming the bound, within a fraction of a second
+    assert any(problem in p for p in caught.value.details["problems"]), caught.value.details
+    assert time.perf_counter() - started < 0.5
+
+
+def test_a_template_at_every_bound_compiles_and_renders_within_a_second() -> None:
+    from mailer.marketing_templates import StoredTemplate
+
+    # Given a template as deep and as long as the bounds allow (10 filters after 9
+    # attribute steps per tag, as many tags as the node bound admits)
+    tag = "{{ x" + ".a" * 9 + "|truncate(5)" * 10 + " }}"
+    value: Any = "abcdefgh"
+    for _ in range(9):
+        value = {"a": value}
+    low, high = 1, 1000  # the most tags accepted, by bisection (about ten checks)
+    while low < high:
+        middle = (low + high + 1) // 2
+        try:
+            StoredTemplate("edge", "newsletter", "s", tag * middle, None)
+            low = middle
+        except RequestError:
+            high = middle - 1
+    count = low
+    # When it is compiled and rendered
+    started = time.perf_counter()
+    template = StoredTemplate("edge", "newsletter", "s", tag * count, None)
+    rendered = template.render({"x": value})
+    took = time.perf_counter() - started
+    # Then both together take well under a second
+    assert count > 100 and rendered.html == "abcdefgh" * count
+    assert took < 1.0, took
+
+
+def test_a_subject_with_a_line_break_is_refused_when_stored(
+    client: Any, keys: dict[str, str]
+) -> None:
+    # When a template whose subject could start a new header line is stored
+    for subject in ("Hi\r\nBcc: victim@example.net", "=?utf-8?q?=0d=0aBcc:_x@example.net?=",
+                    "Hi\u2028there"):
+        name = fresh_name()
+        r = put(client, keys["marketing"], name, **{**SPRING, "subject": subject})
+        # Then it is a 422 invalid_header at once, not a refusal at every send later
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["code"] == "invalid_header"
+        assert client.get(f"/v1/templates/{name}", headers=auth(keys["marketing"])
+                          ).status_code == 404
+
+
+def test_deep_or_long_templates_are_a_422_not_a_500(client: Any, keys: dict[str, str]) -> None:
+    # Given the templates that used to be 500s: 200 nested "+" and 300 chained filters
+    for html in ("{{ " + "(1 + " * 200 + "1" + ")" * 200 + " }}",
+                 "{{ 1" + " + 1" * 200 + " }}", "{{ x" + "|upper" * 300 + " }}"):
+        started = time.perf_counter()
+        r = put(client, keys["marketing"], fresh_name(), **{**SPRING, "html": html})
+        # Then each is a quick 422 unsafe_template
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["code"] == "unsafe_template"
+        assert time.perf_counter() - started < 1.0
+
+
+#: Run in a fresh interpreter, so that its peak memory (VmHWM) is this work's alone.
+_MEMORY_PROBE = """
+import json, resource
+from mailer.errors import TemplateError
+from mailer.marketing_templates import StoredTemplate
+
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+
+big = "y" * 1_000_000
+cases = [
+    ("{{ x" + " ~ x" * 99 + " }}", {"x": big}),
+    ("{{ x + x + x + x + x + x + x + x }}", {"x": big}),
+    ("{{ range(100000)|join(x) }}", {"x": big}),
+    ("{{ ([x] * 100000)|join }}", {"x": big}),
+    ("{{ [1]|batch(1000000000, 'x')|list|length }}", {}),
+    ("{{ 'abc'|batch(100000000, x)|list|length }}", {"x": big}),
+    ("{{ x * 100000000 }}", {"x": big}),
+    ("{% for i in range(100000) %}{{ x }}{% endfor %}", {"x": big}),
+    ("{{ x|list|length }}", {"x": big}),
+    ("{{ '" + "a" * 100000 + "'|join('" + "b" * 100000 + "') }}", {}),
+    ("{{ '" + "a" * 200000 + "'|list|string }}", {}),
+]
+base = hwm()
+refused = 0
+for html, data in cases:
+    template = StoredTemplate("m", "newsletter", "s", html, None)
+    try:
+        template.render(data)
+    except TemplateError:
+        refused += 1
+print(json.dumps({"base_kib": base, "peak_kib": hwm(), "refused": refused,
+                  "cases": len(cases)}))
+"""
+
+
+def test_rendering_hostile_templates_stays_within_memory() -> None:
+    import json
+    import resource
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    def cap() -> None:  # if the bounds failed, fail with MemoryError, not the machine
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+    # When templates built to blow up memory (each would take gigabytes unbounded) are
+    # compiled and rendered with 1 MB of data in a fresh process
+    done = subprocess.run([sys.executable, "-c", _MEMORY_PROBE], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, preexec_fn=cap, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(done.stdout)
+    grown = (figures["peak_kib"] - figures["base_kib"]) / 1024
+    print(f"\nhostile templates: peak memory grew {grown:.1f} MiB")
+    # Then every render was stopped by its budget, and the peak grew by tens of MiB at most
+    assert figures["refused"] == figures["cases"]
+    assert grown < 64, grown

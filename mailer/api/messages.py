@@ -50,14 +50,20 @@ class BatchIn(BaseModel):
 
 
 def _to_request(body: MessageIn, raw: dict[str, Any]) -> SendRequest:
-    to = body.to if isinstance(body.to, To) else To(email=body.to)
+    # A bare string is not re-validated as To: its length cap would be a 500 here, and
+    # the address check that follows answers 422 invalid_address for any bad address.
+    to = body.to if isinstance(body.to, To) else To.model_construct(email=body.to)
     send_at = body.send_at
     if send_at is not None and send_at.tzinfo is None:
         raise ValidationFailed("send_at needs a time zone, e.g. 2030-01-01T09:00:00Z")
+    try:
+        send_at = send_at.astimezone(UTC) if send_at else None
+    except OverflowError:  # e.g. 9999-12-31T23:59-23:59 is past the last UTC datetime
+        raise ValidationFailed("send_at is out of range") from None
     return SendRequest(
         template=body.template, email=to.email, external_id=to.external_id, name=to.name,
         data=body.data, topic=body.topic, idempotency_key=body.idempotency_key,
-        send_at=send_at.astimezone(UTC) if send_at else None, body=raw,
+        send_at=send_at, body=raw,
     )
 
 

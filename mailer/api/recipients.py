@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import insert, select, update
 
 from mailer.api.deps import runtime, scoped
@@ -62,6 +62,12 @@ class ConsentIn(BaseModel):
 TOPIC_NAME = re.compile(r"(?=[a-z0-9._-]{1,64}\Z)[a-z0-9][a-z0-9_-]*(?:\.[a-z0-9_-]+)*")
 
 
+#: Characters a topic's title (one line) or description (line breaks and tabs allowed) may
+#: not hold: controls and lone surrogates, which no page shows and UTF-8 cannot store.
+_TITLE_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_DESCRIPTION_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
 class TopicIn(BaseModel):
     """A marketing topic."""
 
@@ -70,6 +76,20 @@ class TopicIn(BaseModel):
     description: str = Field(default="", max_length=2000)
     third_party: bool = False
     double_opt_in: bool = False
+
+    @field_validator("title")
+    @classmethod
+    def _title_is_one_printable_line(cls, value: str) -> str:
+        if _TITLE_FORBIDDEN.search(value):
+            raise ValueError("the title must be one line of printable text")
+        return value
+
+    @field_validator("description")
+    @classmethod
+    def _description_is_printable(cls, value: str) -> str:
+        if _DESCRIPTION_FORBIDDEN.search(value):
+            raise ValueError("the description may not hold control characters")
+        return value
 
 
 @router.put("/v1/recipients/{external_id}")

@@ -93,6 +93,44 @@ def test_error_messages_never_echo_the_address() -> None:
     assert caught.value.__cause__ is None
 
 
+@pytest.mark.parametrize("bad", [
+    # RFC 2047 section 5: no encoded-word anywhere in an addr-spec.
+    "=?utf-8?q?evil?=@example.com",
+    "=?utf-8?b?ZXZpbA==?=@example.com",
+    "a=?x?q?y?=b@example.com",
+    "=?utf-8?q?a=0D=0ABcc:_x?=@example.com",
+])
+def test_encoded_words_are_not_addresses(bad: str) -> None:
+    with pytest.raises(InvalidAddressError, match="encoded-word"):
+        normalise(bad)
+
+
+@pytest.mark.parametrize("bad", [
+    # RFC 5321 4.5.3.1.3: the whole path is at most 254 octets without its brackets.
+    "a" * 64 + "@" + ".".join(["b" * 63] * 3) + ".com",
+    "x" * 300 + "@example.com",
+    "a@" + "b" * 1_000_000,
+    # The ASCII form counts: this U-label domain is short, its punycode is not.
+    "a" * 64 + "@" + ".".join(["a\u00e4b\u03c9c\u0436d\u00fce\u00f6f\u044fg\u03bbh\u0449"] * 6)
+    + ".de",
+])
+def test_over_long_addresses_are_refused_without_echo(bad: str) -> None:
+    with pytest.raises(InvalidAddressError) as caught:
+        normalise(bad)
+    assert bad[:20] not in str(caught.value)
+
+
+def test_the_longest_valid_address_is_accepted() -> None:
+    # Given a 64-octet local part and a domain that brings the address to 254 octets
+    domain = ".".join(["b" * 63, "c" * 63, "d" * 57]) + ".com"
+    address = "a" * 64 + "@" + domain
+    assert len(address) == 254
+    # Then it is valid, and one more octet is not
+    assert normalise(address) == address
+    with pytest.raises(InvalidAddressError):
+        normalise("a" + address)
+
+
 def test_non_string_is_rejected() -> None:
     with pytest.raises(InvalidAddressError):
         normalise(b"a@example.com")  # type: ignore[arg-type]
