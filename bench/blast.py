@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import aiosmtplib
 
 from bench import content
-from mailer.mime import Envelope, MessageBuilder
-from mailer.templates import Template
+from mailer.mail.mime import Envelope, MessageBuilder
+from mailer.mail.templates import Template
 from suppression.policy import Category
 
 #: How long the blaster waits for the go signal before giving up (seconds).

@@ -27,8 +27,8 @@ from bench import content
 from bench.pipeline import SUPPRESSED_EVERY, mailer_env
 from bench.procs import ROOT, BenchError, Group, Proc, python, wait_until
 from bench.stack import Config, Measurement, Sink, Window
-from mailer.db import make_engine, upgrade
-from mailer.schema import consent_events, messages, recipients, suppressions
+from mailer.store.db import make_engine, upgrade
+from mailer.store.schema import consent_events, messages, recipients, suppressions
 from suppression.addresses import address_hash, normalise
 
 #: How long the fan-out process lingers after it is done, waiting to be stopped (seconds).
@@ -67,7 +67,7 @@ def run(cfg: Config, sink_kind: str, index: int) -> Measurement:
     """One measured campaign: fan-out and sending overlap, as they do in production."""
     work = cfg.work / f"campaign-{sink_kind}-{index}"
     work.mkdir(parents=True)
-    db_url = f"sqlite:///{work / 'mailer.db'}"
+    db_url = f"sqlite:///{work / 'mailer.store.db'}"
     upgrade(db_url)
     sink = Sink(sink_kind, work)
     templates = content.lay_templates(ROOT / "templates", work / "templates")
@@ -148,11 +148,11 @@ def _verify(db_url: str, sent: int, suppressed: int, timeout: float) -> None:
 
 def fan_out(db_url: str, redis_url: str, ready: Path, go: Path, result: Path) -> None:
     """Create the campaign at the go signal and run the campaign job until it is done."""
-    from mailer import campaigns
+    from mailer.campaigns import lifecycle as campaigns
+    from mailer.campaigns.fanout import tick
     from mailer.config import Settings
-    from mailer.fanout import tick
-    from mailer.queue import RedisEnqueuer
     from mailer.runtime import Runtime
+    from mailer.sending.queue import RedisEnqueuer
 
     settings = Settings.from_environ()
     rt = Runtime.from_settings(settings, RedisEnqueuer(redis_url))

@@ -65,8 +65,8 @@ def generate(url: str, count: int) -> float:
     from sqlalchemy import insert
 
     from mailer.config import Settings
-    from mailer.db import make_engine, upgrade
-    from mailer.schema import consent_events, recipients, suppressions
+    from mailer.store.db import make_engine, upgrade
+    from mailer.store.schema import consent_events, recipients, suppressions
     from suppression.addresses import address_hash
 
     upgrade(url)
@@ -105,14 +105,14 @@ def fan_out(url: str, redis_url: str | None, batch: int, preview: bool) -> dict[
     """Create a campaign to everyone and run the campaign job until it is fanned out."""
     from sqlalchemy import func, select
 
-    from mailer import campaigns
+    from mailer.campaigns import lifecycle as campaigns
+    from mailer.campaigns.fanout import eligibility, tick
     from mailer.config import Settings
-    from mailer.db import make_engine
-    from mailer.fanout import eligibility, tick
-    from mailer.queue import RedisEnqueuer
+    from mailer.mail.templates import Catalogue
     from mailer.runtime import Runtime
-    from mailer.schema import messages
-    from mailer.templates import Catalogue
+    from mailer.sending.queue import RedisEnqueuer
+    from mailer.store.db import make_engine
+    from mailer.store.schema import messages
 
     settings = Settings.from_environ(_env(url))
     enqueuer: Any = RedisEnqueuer(redis_url) if redis_url else CountingEnqueuer()

@@ -20,9 +20,9 @@ import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from mailer.dkim import SIGNED_HEADERS, DkimSigner
-from mailer.htmltext import html_to_text
-from mailer.mime import MessageBuilder
+from mailer.mail.dkim import SIGNED_HEADERS, DkimSigner
+from mailer.mail.mime import MessageBuilder
+from mailer.mail.text import html_to_text
 
 ROUNDS = 2000
 PARAGRAPH = (

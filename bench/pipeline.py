@@ -26,9 +26,9 @@ from bench import content
 from bench.procs import ROOT, BenchError, Group, Proc, free_port, python, wait_until
 from bench.sinks import read_status
 from bench.stack import Config, Measurement, Profiler, Sink, Window
-from mailer.db import make_engine, upgrade
 from mailer.keys import create_key
-from mailer.schema import messages, recipients, suppressions
+from mailer.store.db import make_engine, upgrade
+from mailer.store.schema import messages, recipients, suppressions
 from suppression.addresses import address_hash, normalise
 
 SECRET = "bench-secret-key-0123456789abcdef"
@@ -147,7 +147,7 @@ def _run(cfg: Config, sink_kind: str, index: int, *, drain: bool) -> Measurement
     scenario = "worker drain" if drain else "pipeline"
     work = cfg.work / f"{scenario.replace(' ', '-')}-{sink_kind}-{index}"
     work.mkdir(parents=True)
-    db_url = f"sqlite:///{work / 'mailer.db'}"
+    db_url = f"sqlite:///{work / 'mailer.store.db'}"
     upgrade(db_url)
     label = f"r{index}{sink_kind[0]}"
     key, suppressed = _seed(db_url, label, cfg.messages, cfg.warmup)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aiosmtpd.smtp import SMTP
 
-from mailer.sink import FastSink
+from mailer.smtp.sink import FastSink
 
 #: How often the status file is rewritten while messages arrive (seconds).
 STATUS_INTERVAL = 0.02

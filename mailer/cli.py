@@ -23,7 +23,7 @@ def _settings(require_secret: bool = True) -> Settings:
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     """Apply migrations."""
-    from mailer.db import upgrade
+    from mailer.store.db import upgrade
 
     settings = _settings(require_secret=False)
     upgrade(settings.database_url, args.revision)
@@ -33,8 +33,8 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
     """Create an API key and print only the key on stdout."""
-    from mailer.db import make_engine
     from mailer.keys import create_key
+    from mailer.store.db import make_engine
 
     engine = make_engine(_settings(require_secret=False).database_url)
     with engine.begin() as conn:
@@ -47,9 +47,9 @@ def cmd_send(args: argparse.Namespace) -> int:
     """Accept one message from the shell, as an admin caller."""
     from datetime import datetime
 
-    from mailer.accept import Acceptor, SendRequest
     from mailer.keys import ApiKey
     from mailer.runtime import Runtime
+    from mailer.sending.accept import Acceptor, SendRequest
 
     data = json.loads(args.data) if args.data else {}
     if not isinstance(data, dict):
@@ -69,8 +69,8 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 def cmd_suppressions_import(args: argparse.Namespace) -> int:
     """Import a suppression CSV; bad rows are listed by line, good rows are kept."""
+    from mailer.preferences.suppression_csv import import_csv
     from mailer.runtime import Runtime
-    from mailer.suppression_csv import import_csv
 
     rt = Runtime.from_settings(_settings())
     report = import_csv(rt, Path(args.file), source=args.source)
@@ -85,8 +85,8 @@ def cmd_suppressions_import(args: argparse.Namespace) -> int:
 
 def cmd_suppressions_export(args: argparse.Namespace) -> int:
     """Write the whole suppression list as CSV (``-`` for stdout)."""
+    from mailer.preferences.suppression_csv import export_csv
     from mailer.runtime import Runtime
-    from mailer.suppression_csv import export_csv
 
     rt = Runtime.from_settings(_settings())
     written = export_csv(rt, args.file)
@@ -101,8 +101,8 @@ def cmd_campaign_status(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from mailer import campaigns
-    from mailer.db import make_engine
+    from mailer.campaigns import lifecycle as campaigns
+    from mailer.store.db import make_engine
 
     engine = make_engine(_settings(require_secret=False).database_url)
 
@@ -148,7 +148,7 @@ def cmd_campaign_status(args: argparse.Namespace) -> int:
 
 def cmd_sink(args: argparse.Namespace) -> int:
     """Run the capturing SMTP sink in the foreground."""
-    from mailer.sink import run_sink
+    from mailer.smtp.sink import run_sink
 
     settings = _settings()
     run_sink(args.host, args.port or settings.smtp_port, Path(args.dir or settings.sink_dir))
@@ -158,7 +158,7 @@ def cmd_sink(args: argparse.Namespace) -> int:
 def cmd_dev(args: argparse.Namespace) -> int:
     """Run web, worker, scheduler and sink together until Ctrl-C."""
     settings = _settings()
-    from mailer.db import upgrade
+    from mailer.store.db import upgrade
 
     upgrade(settings.database_url)
     python = sys.executable

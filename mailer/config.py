@@ -44,7 +44,7 @@ def _is_loopback(host: str) -> bool:
 class Settings:
     """Typed configuration; build it with :meth:`from_environ`."""
 
-    database_url: str = "sqlite:///var/mailer.db"
+    database_url: str = "sqlite:///var/mailer.store.db"
     redis_url: str = "redis://127.0.0.1:6379/0"
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 1025

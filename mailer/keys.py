@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from sqlalchemy import Connection, insert, select
 
 from mailer.errors import ValidationFailed
-from mailer.schema import api_keys
+from mailer.store.schema import api_keys
 
 #: Every scope a key may hold (SPEC 7).
 SCOPES = frozenset({"messages:transactional", "messages:legal", "marketing", "recipients", "admin"})

@@ -10,12 +10,12 @@ from datetime import UTC, datetime
 from sqlalchemy import Engine
 
 from mailer.config import Settings
-from mailer.db import make_engine
-from mailer.headers import parse_sender
-from mailer.queue import Enqueuer, RedisEnqueuer
-from mailer.recipients import Address
-from mailer.templates import Catalogue
-from mailer.tokens import TokenSigner
+from mailer.mail.headers import parse_sender
+from mailer.mail.templates import Catalogue
+from mailer.preferences.tokens import TokenSigner
+from mailer.sending.queue import Enqueuer, RedisEnqueuer
+from mailer.store.db import make_engine
+from mailer.store.recipients import Address
 from suppression.addresses import address_hash, normalise
 
 

@@ -63,7 +63,7 @@ def redis_server() -> Iterator[RedisServer]:
 @pytest.fixture(scope="session")
 def db_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A migrated database: SQLite file, or a fresh PostgreSQL database."""
-    from mailer.db import upgrade
+    from mailer.store.db import upgrade
 
     if os.environ.get("MAILER_TEST_DB", "sqlite") == "postgresql":
         require("postgresql", postgres_available(), "PostgreSQL server binaries missing")
@@ -72,7 +72,7 @@ def db_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             upgrade(url)
             yield url
     else:
-        url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'mailer.db'}"
+        url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'mailer.store.db'}"
         upgrade(url)
         yield url
 

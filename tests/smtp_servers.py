@@ -31,7 +31,7 @@ FAULTS = frozenset({
 
 @dataclass(frozen=True)
 class SimpleEnvelope:
-    """Stands in for mailer.mime.Envelope: the three fields the transport reads."""
+    """Stands in for mailer.mail.mime.Envelope: the three fields the transport reads."""
 
     sender: str
     recipients: tuple[str, ...]

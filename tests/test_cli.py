@@ -41,7 +41,7 @@ def test_db_upgrade_and_keys_create_need_no_secret(tmp_path: Path) -> None:
 def test_send_from_the_shell(env: dict[str, str], runtime: Any) -> None:
     from sqlalchemy import select
 
-    from mailer.schema import messages
+    from mailer.store.schema import messages
 
     # When a message is enqueued from the shell
     address = unique_email("cli")

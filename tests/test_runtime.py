@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from mailer.config import Settings
-from mailer.queue import ListEnqueuer
 from mailer.runtime import Runtime
+from mailer.sending.queue import ListEnqueuer
 
 
 def runtime_with(base: Any, **env: str) -> Runtime:

@@ -7,12 +7,12 @@ import threading
 
 import dramatiq
 
-from mailer.dispatch import Dispatcher
-from mailer.dkim import DkimSigner
-from mailer.mime import MessageBuilder
-from mailer.queue import SEND_ACTOR, SEND_QUEUE, RedisEnqueuer
+from mailer.mail.dkim import DkimSigner
+from mailer.mail.mime import MessageBuilder
 from mailer.runtime import Runtime
-from mailer.transport import BlockingTransport, SmtpTransport
+from mailer.sending.dispatch import Dispatcher
+from mailer.sending.queue import SEND_ACTOR, SEND_QUEUE, RedisEnqueuer
+from mailer.smtp.transport import BlockingTransport, SmtpTransport
 from workers.broker import settings
 
 log = logging.getLogger(__name__)

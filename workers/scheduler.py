@@ -8,10 +8,10 @@ import threading
 import time
 from types import FrameType
 
+from mailer.campaigns.fanout import tick as campaign_tick
 from mailer.config import Settings
-from mailer.fanout import tick as campaign_tick
 from mailer.runtime import Runtime
-from mailer.sweeper import sweep
+from mailer.sending.sweeper import sweep
 
 log = logging.getLogger("mailer.scheduler")
 

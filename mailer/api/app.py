@@ -20,9 +20,9 @@ from mailer.api import templates as templates_api
 from mailer.api.deps import runtime, scoped
 from mailer.config import Settings
 from mailer.keys import ApiKey
-from mailer.marketing_templates import install as install_stored_templates
+from mailer.mail.stored import install as install_stored_templates
 from mailer.runtime import Runtime
-from mailer.schema import marketing_templates
+from mailer.store.schema import marketing_templates
 
 #: Largest API request body (SPEC 7); a batch of 1000 messages fits comfortably.
 MAX_BODY_BYTES = 10 * 1024 * 1024

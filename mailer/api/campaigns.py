@@ -9,15 +9,15 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from mailer import campaigns as model
 from mailer.api.deps import runtime, scoped
+from mailer.campaigns import lifecycle as model
+from mailer.campaigns.fanout import AudienceFilter, eligibility, encoded_size
 from mailer.errors import TemplateError, ValidationFailed
-from mailer.fanout import AudienceFilter, eligibility, encoded_size
 from mailer.keys import ApiKey
-from mailer.marketing_templates import PROFILE_VARIABLES, StoredTemplate, install
-from mailer.recipients import topic_row
+from mailer.mail.stored import PROFILE_VARIABLES, StoredTemplate, install
+from mailer.mail.templates import Template
 from mailer.runtime import Runtime
-from mailer.templates import Template
+from mailer.store.recipients import topic_row
 from suppression.policy import Category
 
 router = APIRouter(prefix="/v1/campaigns", tags=["campaigns"])

@@ -10,13 +10,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
-from mailer.accept import MAX_BATCH, Acceptor, SendRequest
 from mailer.api.deps import api_key, runtime
 from mailer.errors import Forbidden, NotFound, RequestError, ValidationFailed
 from mailer.keys import ApiKey
+from mailer.preferences.views import iso
 from mailer.runtime import Runtime
-from mailer.schema import message_events, messages
-from mailer.views import iso
+from mailer.sending.accept import MAX_BATCH, Acceptor, SendRequest
+from mailer.store.schema import message_events, messages
 
 router = APIRouter(prefix="/v1/messages", tags=["messages"])
 

@@ -14,11 +14,11 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from mailer.api.deps import runtime, scoped
-from mailer.bounces import Result
 from mailer.errors import ValidationFailed
 from mailer.keys import ApiKey
+from mailer.reports.apply import Result
 from mailer.runtime import Runtime
-from mailer.schema import bounce_reports, messages, suppressions
+from mailer.store.schema import bounce_reports, messages, suppressions
 from mailer.webhooks import PROVIDERS
 
 router = APIRouter(tags=["operations"])

@@ -28,10 +28,10 @@ from starlette.concurrency import run_in_threadpool
 
 from mailer.api.deps import runtime
 from mailer.config import PROJECT_ROOT
-from mailer.headers import parse_sender
-from mailer.optin import DoubleOptIn, SelfService
+from mailer.mail.headers import parse_sender
+from mailer.preferences.optin import DoubleOptIn, SelfService
+from mailer.preferences.tokens import BadToken, Token
 from mailer.runtime import Runtime
-from mailer.tokens import BadToken, Token
 from suppression.consent import THIRD_PARTY_SHARING
 
 router = APIRouter(tags=["public pages"])

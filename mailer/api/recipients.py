@@ -12,21 +12,21 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import insert, select, update
 
 from mailer.api.deps import runtime, scoped
-from mailer.erasure import erase
 from mailer.errors import Conflict, ValidationFailed
-from mailer.export import export_recipient
-from mailer.headers import check_header_value
 from mailer.keys import ApiKey
-from mailer.optin import API_SOURCES, OWN_CHANNEL_SOURCES, DoubleOptIn
-from mailer.recipients import (
+from mailer.mail.headers import check_header_value
+from mailer.preferences.erasure import erase
+from mailer.preferences.export import export_recipient
+from mailer.preferences.optin import API_SOURCES, OWN_CHANNEL_SOURCES, DoubleOptIn
+from mailer.preferences.views import iso, parse_address, profile, recipient_view
+from mailer.runtime import Runtime
+from mailer.store.recipients import (
     consent_history,
     get_recipient,
     record_consent,
     upsert_recipient,
 )
-from mailer.runtime import Runtime
-from mailer.schema import topics
-from mailer.views import iso, parse_address, profile, recipient_view
+from mailer.store.schema import topics
 from suppression.consent import SOURCES, THIRD_PARTY_SHARING, grant_conflicts
 
 router = APIRouter(tags=["recipients"])

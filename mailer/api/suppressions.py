@@ -14,10 +14,10 @@ from sqlalchemy import delete, select
 from mailer.api.deps import runtime, scoped
 from mailer.errors import NotFound, ValidationFailed
 from mailer.keys import ApiKey
-from mailer.recipients import SUPPRESSION_REASONS, add_suppression
+from mailer.preferences.views import iso, parse_address
 from mailer.runtime import Runtime
-from mailer.schema import suppressions
-from mailer.views import iso, parse_address
+from mailer.store.recipients import SUPPRESSION_REASONS, add_suppression
+from mailer.store.schema import suppressions
 
 router = APIRouter(tags=["suppressions"])
 Rt = Annotated[Runtime, Depends(runtime)]

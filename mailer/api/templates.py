@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mailer.api.deps import runtime, scoped
 from mailer.errors import Conflict, NotFound, ValidationFailed
 from mailer.keys import ApiKey
-from mailer.marketing_templates import (
+from mailer.mail.stored import (
     MAX_SOURCE_CHARS,
     StoredTemplate,
     install,
@@ -20,8 +20,8 @@ from mailer.marketing_templates import (
     save,
     validate_name,
 )
-from mailer.recipients import topic_row
 from mailer.runtime import Runtime
+from mailer.store.recipients import topic_row
 from suppression.policy import Category
 
 router = APIRouter(prefix="/v1/templates", tags=["templates"])

@@ -18,9 +18,9 @@ from sqlalchemy import insert
 
 from mailer.api.deps import runtime
 from mailer.api.errors import error_response
-from mailer.bounces import DatabaseSeenTokens, EventApplier
+from mailer.reports.apply import DatabaseSeenTokens, EventApplier
 from mailer.runtime import Runtime
-from mailer.schema import sns_subscriptions
+from mailer.store.schema import sns_subscriptions
 from mailer.webhooks import (
     BodyTooLarge,
     NotConfigured,

@@ -1,0 +1,1 @@
+"""Campaigns: lifecycle, audience, fan-out, the scheduler's tick."""

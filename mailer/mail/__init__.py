@@ -1,0 +1,1 @@
+"""Building mail (pure): templates, headers, text part, MIME, DKIM."""

@@ -1,0 +1,1 @@
+"""The recipient's rights: opt-in, links, unsubscribe, erasure, export."""

@@ -1,0 +1,1 @@
+"""The send path: accept, queue, dispatch, sweep."""

@@ -1,0 +1,353 @@
+"""Accepting messages: validate, sort into a category, decide, write the outbox row.
+
+The decision here lets the caller see ``suppressed`` at once; the worker decides again
+just before the SMTP transaction, and that second decision is the one that counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, delete, insert, select
+from sqlalchemy.exc import IntegrityError
+
+from mailer.errors import (
+    Conflict,
+    Forbidden,
+    HeaderInjection,
+    InvalidAddress,
+    RequestError,
+    ValidationFailed,
+)
+from mailer.keys import ApiKey
+from mailer.mail.headers import check_header_value
+from mailer.mail.templates import Template
+from mailer.runtime import Runtime
+from mailer.store.facts import Target, load_states
+from mailer.store.outbox import insert_messages
+from mailer.store.schema import idempotency_keys, recipients, topics
+from suppression.addresses import InvalidAddressError
+from suppression.policy import Category, Decision, Limits, Topic, decide
+
+#: Which scope sends which category (SPEC 7).
+SCOPE_FOR = {
+    Category.REGISTRATION_CONFIRMATION: "messages:transactional",
+    Category.SERVICE_ALERT: "messages:transactional",
+    Category.LEGAL_NOTICE: "messages:legal",
+    Category.PROMOTION: "marketing",
+}
+#: How long an idempotency key is remembered (SPEC 5).
+IDEMPOTENCY_TTL = timedelta(hours=24)
+MAX_BATCH = 1000
+
+
+@dataclass(frozen=True)
+class SendRequest:
+    """One message as a caller asked for it."""
+
+    template: str
+    email: str
+    external_id: str | None = None
+    name: str | None = None
+    data: Mapping[str, Any] = field(default_factory=dict)
+    topic: str | None = None
+    idempotency_key: str | None = None
+    send_at: datetime | None = None
+    body: Mapping[str, Any] = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        """A hash of the request body without its idempotency key."""
+        payload = {k: v for k, v in self.body.items() if k != "idempotency_key"}
+        canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass
+class _Prepared:
+    index: int
+    request: SendRequest
+    template: Template
+    category: Category
+    topic: str | None
+    email: str
+    to_hash: str
+    recipient_id: int | None = None
+    result: dict[str, Any] | None = None
+
+
+def error_body(exc: RequestError) -> dict[str, Any]:
+    """The SPEC's error object for ``exc``."""
+    return {"code": exc.code, "message": exc.message, "details": exc.details}
+
+
+class Acceptor:
+    """Turns send requests into outbox rows, in one transaction per call."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+
+    def _prepare(self, key: ApiKey, index: int, req: SendRequest) -> _Prepared:
+        template = self.rt.catalogue.get(req.template)
+        category = template.category
+        scope = SCOPE_FOR[category]
+        if not key.allows(scope):
+            raise Forbidden(f"this key may not send {category.value} messages (needs {scope})")
+        topic = template.topic
+        if category is Category.PROMOTION:
+            if req.topic is not None and topic is not None and req.topic != topic:
+                raise ValidationFailed(f"template {template.name!r} belongs to topic {topic!r}")
+            topic = topic or req.topic
+            if not topic:
+                raise ValidationFailed("a promotion needs a topic", code="missing_topic")
+            if not self.rt.settings.postal_address:
+                # CAN-SPAM requires a valid physical postal address in commercial mail.
+                raise ValidationFailed(
+                    "promotions cannot be sent until MAILER_POSTAL_ADDRESS is configured",
+                    code="postal_address_missing",
+                )
+        try:
+            address = self.rt.address(req.email)
+        except InvalidAddressError as exc:
+            raise InvalidAddress(f"invalid recipient address: {exc}") from None
+        if req.name is not None:
+            check_header_value("to.name", req.name)
+        # Render now so a missing variable is a 422 here, never a failure in the worker;
+        # the worker renders again (with the text part) when it builds the message.
+        rendered = template.render(req.data, derive_text=False)
+        check_header_value("subject", rendered.subject)
+        return _Prepared(index, req, template, category, topic, address.email, address.hash)
+
+    def accept(self, key: ApiKey, requests: Sequence[SendRequest]) -> list[dict[str, Any]]:
+        """Accept each request; return per request a result or ``{"error": ..., "status"}``."""
+        outcomes: list[dict[str, Any] | None] = [None] * len(requests)
+        prepared: list[_Prepared] = []
+        for index, req in enumerate(requests):
+            try:
+                prepared.append(self._prepare(key, index, req))
+            except RequestError as exc:
+                outcomes[index] = {"error": error_body(exc), "status": exc.status}
+        for attempt in range(3):
+            try:
+                queued = self._write(key, prepared, outcomes)
+                break
+            except IntegrityError:
+                # A concurrent request took one of our idempotency keys; the next pass
+                # finds and replays it.
+                if attempt == 2:
+                    raise
+                for p in prepared:
+                    p.result = None
+        if queued:
+            self.rt.enqueuer.enqueue(queued)
+        return [o if o is not None else {} for o in outcomes]
+
+    def _write(
+        self, key: ApiKey, prepared: list[_Prepared], outcomes: list[dict[str, Any] | None]
+    ) -> list[str]:
+        now = self.rt.clock()
+        with self.rt.engine.begin() as conn:
+            fresh = self._replay_idempotent(conn, key, prepared, outcomes, now)
+            third_party = self._topics(conn, fresh, outcomes)
+            fresh = [p for p in fresh if p.topic is None or p.topic in third_party]
+            fresh = self._resolve_recipients(conn, fresh, outcomes)
+            decisions = self._decide(conn, fresh, now, third_party)
+            rows: list[dict[str, Any]] = []
+            idem_rows: list[dict[str, Any]] = []
+            queued: list[str] = []
+            for p, decision in zip(fresh, decisions, strict=True):
+                row_id, message_id = self.rt.new_message_id()
+                req = p.request
+                if not decision.allowed:
+                    status = "suppressed"
+                elif req.send_at is not None and req.send_at > now:
+                    status = "scheduled"
+                else:
+                    status = "queued"
+                    queued.append(row_id)
+                # An erased person's address is not written down again, not even on the
+                # row that records why we did not send to it.
+                erased = decision.reason is not None and decision.reason.value == "erased"
+                rows.append({
+                    "id": row_id, "api_key_id": key.id, "category": p.category.value,
+                    "template": p.template.name, "topic": p.topic,
+                    "recipient_id": p.recipient_id,
+                    "to_email": None if erased else p.email,
+                    "to_name": None if erased else req.name,
+                    "to_hash": p.to_hash, "data": None if erased else dict(req.data),
+                    "status": status,
+                    "reason": decision.reason.value if decision.reason else None,
+                    "attempts": 0, "message_id_header": message_id, "created_at": now,
+                    "updated_at": now, "send_at": req.send_at,
+                })
+                result: dict[str, Any] = {
+                    "id": row_id, "status": status, "category": p.category.value,
+                }
+                if decision.reason is not None:
+                    result["reason"] = decision.reason.value
+                outcomes[p.index] = result
+                if req.idempotency_key:
+                    idem_rows.append({
+                        "api_key_id": key.id, "key": req.idempotency_key,
+                        "request_hash": req.fingerprint(), "status_code": 202,
+                        "response": result, "created_at": now,
+                    })
+            insert_messages(conn, rows, now)
+            if idem_rows:
+                conn.execute(insert(idempotency_keys), idem_rows)
+        return queued
+
+    def _replay_idempotent(
+        self,
+        conn: Connection,
+        key: ApiKey,
+        prepared: list[_Prepared],
+        outcomes: list[dict[str, Any] | None],
+        now: datetime,
+    ) -> list[_Prepared]:
+        """Answer repeated keys from the store; return the requests still to be written."""
+        keyed = [p for p in prepared if p.request.idempotency_key]
+        if not keyed:
+            return prepared
+        names = sorted({p.request.idempotency_key for p in keyed if p.request.idempotency_key})
+        conn.execute(
+            delete(idempotency_keys).where(
+                idempotency_keys.c.api_key_id == key.id,
+                idempotency_keys.c.key.in_(names),
+                idempotency_keys.c.created_at < now - IDEMPOTENCY_TTL,
+            )
+        )
+        stored = {
+            row.key: row
+            for row in conn.execute(
+                select(idempotency_keys).where(
+                    idempotency_keys.c.api_key_id == key.id, idempotency_keys.c.key.in_(names)
+                )
+            )
+        }
+        fresh: list[_Prepared] = []
+        seen: set[str] = set()
+        for p in prepared:
+            name = p.request.idempotency_key
+            if name and (name in stored or name in seen):
+                row = stored.get(name)
+                if row is not None and row.request_hash == p.request.fingerprint():
+                    outcomes[p.index] = dict(row.response)
+                else:
+                    exc = Conflict(
+                        "this idempotency key was used with a different request",
+                        code="idempotency_conflict",
+                    )
+                    outcomes[p.index] = {"error": error_body(exc), "status": exc.status}
+                continue
+            if name:
+                seen.add(name)
+            fresh.append(p)
+        return fresh
+
+    def _resolve_recipients(
+        self, conn: Connection, prepared: list[_Prepared], outcomes: list[dict[str, Any] | None]
+    ) -> list[_Prepared]:
+        """Link each message to a profile: by external id, else by address.
+
+        Consent belongs to an address (SPEC 3): an ``external_id`` whose profile holds
+        another address is a 409 ``recipient_mismatch`` and nothing is queued, or anyone's
+        address could borrow that person's consent, and the links in the mail would act
+        on their choices. Both sides are compared as keyed hashes of normalised addresses.
+        """
+        ext_ids = sorted({p.request.external_id for p in prepared if p.request.external_id})
+        by_ext: dict[str, tuple[int, str]] = {}
+        if ext_ids:
+            for profile_row in conn.execute(
+                select(recipients.c.id, recipients.c.external_id, recipients.c.email_hash)
+                .where(recipients.c.external_id.in_(ext_ids))
+            ):
+                by_ext[profile_row.external_id] = (profile_row.id, profile_row.email_hash)
+        hashes = sorted({p.to_hash for p in prepared if not p.request.external_id})
+        by_hash: dict[str, int] = {}
+        if hashes:
+            for row in conn.execute(
+                select(recipients.c.id, recipients.c.email_hash)
+                .where(recipients.c.email_hash.in_(hashes))
+                .order_by(recipients.c.updated_at)
+            ):
+                by_hash[row.email_hash] = row.id
+        resolved: list[_Prepared] = []
+        for p in prepared:
+            ext = p.request.external_id
+            if not ext:
+                p.recipient_id = by_hash.get(p.to_hash)
+            elif ext in by_ext:
+                p.recipient_id, profile_hash = by_ext[ext]
+                if profile_hash != p.to_hash:
+                    exc = Conflict(
+                        "the address is not the one on this recipient's profile; update the "
+                        "profile first (PUT /v1/recipients/{external_id})",
+                        {"external_id": ext}, code="recipient_mismatch",
+                    )
+                    outcomes[p.index] = {"error": error_body(exc), "status": exc.status}
+                    continue
+            resolved.append(p)
+        return resolved
+
+    @staticmethod
+    def _topics(
+        conn: Connection, prepared: list[_Prepared], outcomes: list[dict[str, Any] | None]
+    ) -> dict[str, bool]:
+        """Topic name -> third_party for the topics named; unknown ones become 422s."""
+        names = sorted({p.topic for p in prepared if p.topic})
+        if not names:
+            return {}
+        known = {
+            row.name: bool(row.third_party)
+            for row in conn.execute(
+                select(topics.c.name, topics.c.third_party).where(topics.c.name.in_(names))
+            )
+        }
+        for p in prepared:
+            if p.topic and p.topic not in known:
+                exc = ValidationFailed(f"unknown topic {p.topic!r}", code="unknown_topic")
+                outcomes[p.index] = {"error": error_body(exc), "status": exc.status}
+        return known
+
+    def _decide(
+        self,
+        conn: Connection,
+        prepared: list[_Prepared],
+        now: datetime,
+        third_party: Mapping[str, bool],
+    ) -> list[Decision]:
+        """Decide every message, counting earlier ones of the same batch as prior sends."""
+        if not prepared:
+            return []
+        settings = self.rt.settings
+        targets = [
+            Target(
+                key=str(p.index), category=p.category, topic=p.topic,
+                recipient_id=p.recipient_id, to_hash=p.to_hash, template=p.template.name,
+            )
+            for p in prepared
+        ]
+        states = load_states(conn, targets, now, settings.service_alert_window)
+        limits = Limits(settings.service_alert_limit, settings.service_alert_window)
+        in_batch: dict[tuple[str, str], list[datetime]] = defaultdict(list)
+        decisions = []
+        for p, target in zip(prepared, targets, strict=True):
+            state = states[target.key]
+            counted = (p.to_hash, p.category.value)
+            if in_batch[counted]:
+                state = replace(state, prior_sends=(*state.prior_sends, *in_batch[counted]))
+            topic = Topic(p.topic, third_party[p.topic]) if p.topic else None
+            decision = decide(p.category, topic, state, now, limits)
+            if decision.allowed and p.template.name != "consent_confirmation":
+                in_batch[counted].append(now)
+            decisions.append(decision)
+        return decisions
+
+
+__all__ = ["Acceptor", "HeaderInjection", "SendRequest", "error_body"]

@@ -1,0 +1,267 @@
+"""The send procedure a worker runs for a chunk of message ids.
+
+claim (compare-and-set) -> decide again (the send-time decision is the one that counts)
+-> render and build -> SMTP over pooled connections -> record every outcome. Database
+work is batched per chunk: one transaction to claim and decide, one to record.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from sqlalchemy import Row, select
+
+from mailer.campaigns.lifecycle import send_context
+from mailer.errors import MailerError
+from mailer.mail.mime import Envelope, MessageBuilder
+from mailer.mail.stored import install as install_stored_templates
+from mailer.mail.templates import Rendered
+from mailer.runtime import Runtime
+from mailer.smtp.transport import Outcome as SmtpOutcome
+from mailer.smtp.transport import SendResult
+from mailer.store.facts import Target, load_states
+from mailer.store.outbox import Outcome, claim, finish
+from mailer.store.recipients import add_suppression
+from mailer.store.schema import topics
+from suppression.policy import Category, Limits, Topic, decide
+
+log = logging.getLogger(__name__)
+
+#: How long each category may keep retrying before it is given up as ``failed``; a
+#: registration link is stale after a day, legal notices get the RFC 5321 4-5 days.
+MAX_AGE = {
+    Category.REGISTRATION_CONFIRMATION: timedelta(days=1),
+    Category.SERVICE_ALERT: timedelta(days=1),
+    Category.LEGAL_NOTICE: timedelta(days=5),
+    Category.PROMOTION: timedelta(days=1),
+}
+#: Retry delays grow from this base, doubling per attempt, up to :data:`MAX_BACKOFF`.
+DEFAULT_RETRY_BASE = timedelta(seconds=30)
+MAX_BACKOFF = timedelta(hours=1)
+
+
+class SyncTransport(Protocol):
+    """Sends envelopes and reports one result each, in order, never raising."""
+
+    def send_many(self, envelopes: Sequence[Envelope]) -> list[SendResult]:
+        """Send them all."""
+        ...
+
+
+@dataclass
+class Report:
+    """What one run did, for logs and tests."""
+
+    claimed: int = 0
+    suppressed: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+
+def backoff(attempt: int, base: timedelta, rng: random.Random = random.Random()) -> timedelta:  # noqa: B008
+    """Exponential backoff with +-20 % jitter, so retries from one outage spread out."""
+    delay: timedelta = min(base * (2 ** max(attempt - 1, 0)), MAX_BACKOFF)
+    factor: float = rng.uniform(0.8, 1.2)
+    return delay * factor
+
+
+class Dispatcher:
+    """Runs the send procedure with the runtime's database and the given transport."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        transport: SyncTransport,
+        builder: MessageBuilder,
+        retry_base: timedelta = DEFAULT_RETRY_BASE,
+        slice_size: int = 16,
+    ) -> None:
+        self.rt = runtime
+        self.transport = transport
+        self.builder = builder
+        self.retry_base = retry_base
+        self.slice_size = slice_size
+        # Campaigns may name templates stored through the API (issue 5).
+        install_stored_templates(runtime)
+
+    def run(self, ids: Sequence[str]) -> Report:
+        """Claim, decide, send and record the given messages."""
+        settings = self.rt.settings
+        report = Report()
+        now = self.rt.clock()
+        with self.rt.engine.begin() as conn:
+            rows = claim(conn, ids, now, settings.send_lease)
+            report.claimed = len(rows)
+            if not rows:
+                return report
+            names = sorted({r.topic for r in rows if r.topic})
+            topic_info: dict[str, Any] = {
+                t.name: t
+                for t in conn.execute(
+                    select(topics.c.name, topics.c.title, topics.c.third_party).where(
+                        topics.c.name.in_(names)
+                    )
+                )
+            }
+            # Campaign messages: the campaign's state and shared variables (issue 5).
+            campaign = send_context(conn, sorted({r.campaign_id for r in rows if r.campaign_id}))
+            shared = {key: context.data for key, context in campaign.items()}
+            targets = [
+                Target(
+                    key=r.id, category=Category(r.category), topic=r.topic,
+                    recipient_id=r.recipient_id, to_hash=r.to_hash or "", template=r.template,
+                    message_id=r.id, created_at=r.created_at,
+                )
+                for r in rows
+            ]
+            states = load_states(conn, targets, now, settings.service_alert_window)
+            limits = Limits(settings.service_alert_limit, settings.service_alert_window)
+            early: list[Outcome] = []
+            to_send: list[Row[Any]] = []
+            for row, target in zip(rows, targets, strict=True):
+                stop = campaign[row.campaign_id].stop() if row.campaign_id in campaign else None
+                if stop is not None:
+                    # Paused or cancelled since it was queued: held or cancelled, not sent.
+                    early.append(Outcome(row.id, stop[0], reason=stop[1]))
+                    continue
+                if row.attempts > settings.max_attempts:
+                    # Our own counter: a SIGKILLed worker skips dramatiq's retry counting,
+                    # so a message that kills its worker would otherwise loop forever.
+                    early.append(Outcome(row.id, "failed", reason="too_many_attempts"))
+                    continue
+                info = topic_info.get(row.topic) if row.topic else None
+                topic = Topic(row.topic, bool(info.third_party)) if info is not None else None
+                promo = target.category is Category.PROMOTION
+                if promo and (topic is None or row.recipient_id is None):
+                    early.append(Outcome(row.id, "suppressed", reason="no_consent"))
+                    continue
+                if promo and not settings.postal_address:
+                    # CAN-SPAM: no commercial mail without the sender's postal address.
+                    early.append(Outcome(row.id, "failed", reason="postal_address_missing"))
+                    continue
+                decision = decide(target.category, topic, states[row.id], now, limits)
+                if not decision.allowed:
+                    reason = decision.reason.value if decision.reason else None
+                    early.append(Outcome(row.id, "suppressed", reason=reason))
+                    continue
+                to_send.append(row)
+            finish(conn, early, now)
+        report.suppressed = sum(1 for o in early if o.status == "suppressed")
+        for o in early:
+            report.outcomes[o.status] = report.outcomes.get(o.status, 0) + 1
+        # Record after every slice, not once per chunk: a worker killed between a 250 and
+        # our commit resends what it had not recorded, so the slice bounds the duplicates.
+        for start in range(0, len(to_send), self.slice_size):
+            self._send_slice(to_send[start : start + self.slice_size], topic_info, report,
+                             shared)
+        return report
+
+    def _send_slice(
+        self, to_send: list[Row[Any]], topic_info: dict[str, Any], report: Report,
+        shared: Mapping[str, Mapping[str, Any]],
+    ) -> None:
+        now = self.rt.clock()
+        envelopes: list[Envelope] = []
+        sendable: list[Row[Any]] = []
+        failed_render: list[Outcome] = []
+        for row in to_send:
+            try:
+                envelopes.append(self._build(row, topic_info, now, shared))
+                sendable.append(row)
+            except MailerError as exc:
+                # The template changed since acceptance and no longer renders: permanent.
+                failed_render.append(
+                    Outcome(row.id, "failed", reason="render_error", smtp_response=str(exc)[:500])
+                )
+        results = self.transport.send_many(envelopes) if envelopes else []
+
+        done = self.rt.clock()
+        outcomes = failed_render + [
+            self._outcome(row, result, done) for row, result in zip(sendable, results, strict=True)
+        ]
+        with self.rt.engine.begin() as conn:
+            finish(conn, outcomes, done)
+            for row, result in zip(sendable, results, strict=True):
+                if result.outcome is SmtpOutcome.FAILED and result.is_user_unknown and row.to_hash:
+                    # 5.1.x: the mailbox does not exist; suppress everything (SPEC 5).
+                    add_suppression(
+                        conn, None, row.to_hash, "all", "hard_bounce", f"smtp:{row.id}", done
+                    )
+        retry = [o for o in outcomes if o.status == "deferred"]
+        for o in retry:
+            assert o.next_attempt_at is not None
+            delay = max(int((o.next_attempt_at - done).total_seconds() * 1000), 0)
+            self.rt.enqueuer.enqueue([o.id], delay_ms=delay)
+        for o in outcomes:
+            report.outcomes[o.status] = report.outcomes.get(o.status, 0) + 1
+
+    def _outcome(self, row: Row[Any], result: SendResult, now: datetime) -> Outcome:
+        code, text = result.code, result.response[:500]
+        if result.outcome is SmtpOutcome.SENT:
+            return Outcome(row.id, "sent", smtp_code=code, smtp_response=text)
+        if result.outcome is SmtpOutcome.UNKNOWN:
+            # The server may hold it already (RFC 5321 6.1): resending risks a duplicate,
+            # so we say what we know and let a person or a bounce webhook settle it.
+            return Outcome(row.id, "unknown", smtp_code=code, smtp_response=text)
+        if result.outcome is SmtpOutcome.FAILED:
+            return Outcome(row.id, "failed", reason="smtp_rejected", smtp_code=code,
+                           smtp_response=text)
+        retry_at = now + backoff(row.attempts, self.retry_base)
+        if retry_at - row.created_at > MAX_AGE[Category(row.category)]:
+            return Outcome(row.id, "failed", reason="expired", smtp_code=code, smtp_response=text)
+        return Outcome(row.id, "deferred", smtp_code=code, smtp_response=text,
+                       next_attempt_at=retry_at)
+
+    def _build(self, row: Row[Any], topic_info: dict[str, Any], now: datetime,
+               shared: Mapping[str, Mapping[str, Any]]) -> Envelope:
+        template = self.rt.catalogue.get(row.template)
+        data = row.data or {}
+        if row.campaign_id:
+            # The campaign's data first; the recipient's profile fields win over it.
+            data = {**shared.get(row.campaign_id, {}), **data}
+        rendered: Rendered = template.render(data)
+        extra: list[tuple[str, str]] = []
+        if row.category == Category.PROMOTION.value:
+            rendered, extra = self._promotion_parts(row, rendered, topic_info[row.topic])
+        return self.builder.build(
+            to_email=row.to_email,
+            to_name=row.to_name,
+            subject=rendered.subject,
+            html=rendered.html,
+            text=rendered.text,
+            message_id=row.message_id_header,
+            date=now,
+            extra_headers=extra,
+        )
+
+    def _promotion_parts(
+        self, row: Row[Any], rendered: Rendered, topic: Row[Any]
+    ) -> tuple[Rendered, list[tuple[str, str]]]:
+        """Footer and RFC 8058/2369/2919 headers that every promotion carries (SPEC 6)."""
+        signer = self.rt.signer
+        # Both links are bound to the address this mail goes to: from it they may grant
+        # consent only while that is still the profile's address (SPEC 3).
+        mailed = row.to_hash
+        unsubscribe = self.rt.url(f"/u/{signer.sign('u', row.recipient_id, row.topic, mailed)}")
+        preferences = self.rt.url(
+            f"/preferences/{signer.sign('p', row.recipient_id, email_hash=mailed)}")
+        rendered = self.rt.catalogue.footer.apply(
+            rendered,
+            {
+                "topic_title": topic.title,
+                "unsubscribe_url": unsubscribe,
+                "preferences_url": preferences,
+                "postal_address": self.rt.settings.postal_address or "",
+            },
+        )
+        headers = [
+            # One https URI only: a mailto: is advertised only when a listener honours it.
+            ("List-Unsubscribe", f"<{unsubscribe}>"),
+            ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
+            ("List-Id", f"<{row.topic}.{self.rt.mail_domain}>"),
+        ]
+        return rendered, headers

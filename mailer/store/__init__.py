@@ -1,0 +1,1 @@
+"""Storage: the schema, its migrations, and the rows the rest reads and writes."""

@@ -1,0 +1,155 @@
+"""Gather what the policy needs to know about many recipients with a few queries."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import Connection, select
+
+from mailer.store.schema import consent_events, messages, recipients, suppressions
+from suppression.consent import THIRD_PARTY_SHARING, ConsentEvent
+from suppression.policy import Category, RecipientState, Suppression
+
+#: Message statuses that count as "sent or on its way" for the one-time and cap rules;
+#: a message that ended suppressed, failed, bounced or cancelled does not count (SPEC 2).
+COUNTED_STATUSES = ("queued", "scheduled", "sending", "sent", "deferred", "unknown", "complained")
+
+#: The system's double opt-in mail is not counted by the one-time rule (SPEC 3).
+NOT_COUNTED_TEMPLATES = ("consent_confirmation",)
+
+_BATCH = 500  # IN-list size: measured 200k+ lookups/s batched on SQLite, 60k+ on PostgreSQL
+
+
+@dataclass(frozen=True)
+class Target:
+    """One message to decide: who it goes to and where it stands in time."""
+
+    key: str
+    category: Category
+    topic: str | None
+    recipient_id: int | None
+    to_hash: str
+    template: str
+    message_id: str | None = None
+    created_at: datetime | None = None
+
+
+def _chunks(values: Sequence[str] | Sequence[int]) -> Iterable[Sequence[str] | Sequence[int]]:
+    for start in range(0, len(values), _BATCH):
+        yield values[start : start + _BATCH]
+
+
+def load_states(
+    conn: Connection,
+    targets: Sequence[Target],
+    now: datetime,
+    service_alert_window: timedelta,
+) -> dict[str, RecipientState]:
+    """Return a :class:`RecipientState` per target key, with one query per kind of fact."""
+    hashes = sorted({t.to_hash for t in targets})
+    recipient_ids = sorted({t.recipient_id for t in targets if t.recipient_id is not None})
+
+    supp: dict[str, list[Suppression]] = defaultdict(list)
+    for chunk in _chunks(hashes):
+        rows = conn.execute(
+            select(
+                suppressions.c.email_hash,
+                suppressions.c.scope,
+                suppressions.c.reason,
+                suppressions.c.expires_at,
+                suppressions.c.created_at,
+            ).where(suppressions.c.email_hash.in_(chunk))
+        )
+        for row in rows:
+            supp[row.email_hash].append(
+                Suppression(row.scope, row.reason, row.expires_at, row.created_at)
+            )
+
+    active: dict[int, bool] = {}
+    for chunk in _chunks(recipient_ids):
+        rows = conn.execute(
+            select(recipients.c.id, recipients.c.account_active).where(recipients.c.id.in_(chunk))
+        )
+        active.update({row.id: bool(row.account_active) for row in rows})
+
+    consents: dict[int, list[ConsentEvent]] = defaultdict(list)
+    topics = {t.topic for t in targets if t.category is Category.PROMOTION and t.topic}
+    promo_ids = sorted(
+        {t.recipient_id for t in targets if t.category is Category.PROMOTION and t.recipient_id}
+    )
+    if topics and promo_ids:
+        wanted = [*sorted(topics), THIRD_PARTY_SHARING]
+        for chunk in _chunks(promo_ids):
+            rows = conn.execute(
+                select(
+                    consent_events.c.recipient_id,
+                    consent_events.c.topic,
+                    consent_events.c.granted,
+                    consent_events.c.occurred_at,
+                    consent_events.c.source,
+                ).where(
+                    consent_events.c.recipient_id.in_(chunk), consent_events.c.topic.in_(wanted)
+                )
+            )
+            for row in rows:
+                consents[row.recipient_id].append(
+                    ConsentEvent(row.topic, bool(row.granted), row.occurred_at, row.source)
+                )
+
+    history = _prior_sends(conn, targets, now, service_alert_window)
+
+    states: dict[str, RecipientState] = {}
+    for target in targets:
+        rid = target.recipient_id
+        states[target.key] = RecipientState(
+            address_valid=True,
+            account_active=active.get(rid, False) if rid is not None else False,
+            suppressions=tuple(supp.get(target.to_hash, ())),
+            consents=tuple(consents.get(rid, ())) if rid is not None else (),
+            prior_sends=history.get(target.key, ()),
+        )
+    return states
+
+
+def _prior_sends(
+    conn: Connection, targets: Sequence[Target], now: datetime, window: timedelta
+) -> dict[str, tuple[datetime, ...]]:
+    """Earlier counted messages of the same category to the same address, per target."""
+    result: dict[str, tuple[datetime, ...]] = {}
+    for category, since in (
+        (Category.REGISTRATION_CONFIRMATION, None),
+        (Category.SERVICE_ALERT, now - window),
+    ):
+        wanted = [
+            t for t in targets if t.category is category and t.template not in NOT_COUNTED_TEMPLATES
+        ]
+        if not wanted:
+            continue
+        found: dict[str, list[tuple[datetime, str]]] = defaultdict(list)
+        for chunk in _chunks(sorted({t.to_hash for t in wanted})):
+            # "|| ''" keeps status and template out of index selection: without table
+            # statistics SQLite otherwise walks ix_messages_status_updated over every
+            # counted message (4 ms per 100 addresses on 10k rows, growing with the
+            # table) instead of ix_messages_to_hash_category (0.15 ms). Same rows.
+            query = select(messages.c.to_hash, messages.c.created_at, messages.c.id).where(
+                messages.c.to_hash.in_(chunk),
+                messages.c.category == category.value,
+                messages.c.status.concat("").in_(COUNTED_STATUSES),
+                messages.c.template.concat("").not_in(NOT_COUNTED_TEMPLATES),
+            )
+            if since is not None:
+                query = query.where(messages.c.created_at > since)
+            for row in conn.execute(query):
+                found[row.to_hash].append((row.created_at, row.id))
+        for target in wanted:
+            earlier = found.get(target.to_hash, [])
+            if target.created_at is not None:
+                # At send time only messages accepted before this one count, so that of
+                # several queued at once the earliest ones go and the rest are capped.
+                mine = (target.created_at, target.message_id or "")
+                earlier = [e for e in earlier if e[1] != target.message_id and e < mine]
+            result[target.key] = tuple(e[0] for e in earlier)
+    return result

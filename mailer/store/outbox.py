@@ -1,0 +1,218 @@
+"""The outbox: message rows and their compare-and-set state changes (SPEC 5).
+
+The database is the source of truth. Every transition names the state it expects, so two
+workers never both claim a row, and a redelivered queue message for a finished row is a
+no-op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, Row, and_, bindparam, insert, or_, select, update
+
+from mailer.store.schema import message_events, messages
+
+#: Every state a message can be in.
+STATUSES = (
+    "queued", "scheduled", "sending", "sent", "suppressed", "deferred", "failed", "unknown",
+    "bounced", "complained", "cancelled",
+    # a paused campaign's message, waiting for resume
+    "held",
+)
+#: States a message never leaves on its own.
+FINAL = frozenset({"sent", "suppressed", "failed", "unknown", "bounced", "complained", "cancelled"})
+
+_CLAIM_COLUMNS = (
+    messages.c.id, messages.c.category, messages.c.template, messages.c.topic,
+    messages.c.recipient_id, messages.c.to_email, messages.c.to_name, messages.c.to_hash,
+    messages.c.data, messages.c.attempts, messages.c.message_id_header, messages.c.created_at,
+    messages.c.campaign_id,
+)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The new state of one claimed message after an attempt."""
+
+    id: str
+    status: str
+    reason: str | None = None
+    smtp_code: int | None = None
+    smtp_response: str | None = None
+    next_attempt_at: datetime | None = None
+    event: str | None = None
+
+
+def insert_messages(conn: Connection, rows: Sequence[Mapping[str, Any]], now: datetime) -> None:
+    """Insert message rows and their first event in bulk."""
+    if not rows:
+        return
+    # executemany builds the statement from the first row's keys and would silently drop
+    # a column only later rows carry: give every row the same keys.
+    keys = set().union(*(r.keys() for r in rows))
+    uniform = [r if len(r) == len(keys) else {k: r.get(k) for k in keys} for r in rows]
+    conn.execute(insert(messages), uniform)
+    conn.execute(
+        insert(message_events),
+        [
+            {"message_id": r["id"], "at": now, "type": r["status"], "detail": r.get("reason")}
+            for r in rows
+        ],
+    )
+
+
+def claim(
+    conn: Connection, ids: Sequence[str], now: datetime, lease: timedelta
+) -> list[Row[Any]]:
+    """Move claimable rows to ``sending`` with a lease and return them.
+
+    Claimable: ``queued``; ``deferred`` whose retry time has come; ``sending`` whose lease
+    ran out (its worker died). Anything else is left alone, which makes redelivery safe.
+    """
+    if not ids:
+        return []
+    # The id list must drive the lookup. A bare status comparison lets SQLite (without
+    # table statistics) plan a multi-index OR over ix_messages_status_updated, visiting
+    # every queued row of the backlog on each claim; "|| ''" keeps it to the primary key.
+    status = messages.c.status.concat("")
+    claimable = or_(
+        status == "queued",
+        and_(status == "deferred", messages.c.next_attempt_at <= now),
+        and_(status == "sending", messages.c.lease_until < now),
+    )
+    statement = (
+        update(messages)
+        .where(messages.c.id.in_(list(ids)), claimable)
+        .values(
+            status="sending",
+            attempts=messages.c.attempts + 1,
+            lease_until=now + lease,
+            updated_at=now,
+        )
+        .returning(*_CLAIM_COLUMNS)
+    )
+    return list(conn.execute(statement))
+
+
+def finish(conn: Connection, outcomes: Iterable[Outcome], now: datetime) -> int:
+    """Record attempt outcomes with a compare-and-set on ``sending``; return rows changed."""
+    params = [
+        {
+            "b_id": o.id,
+            "b_status": o.status,
+            "b_reason": o.reason,
+            "b_code": o.smtp_code,
+            "b_response": o.smtp_response,
+            "b_next": o.next_attempt_at,
+            "b_sent": now if o.status == "sent" else None,
+            "b_now": now,
+        }
+        for o in outcomes
+    ]
+    if not params:
+        return 0
+    statement = (
+        update(messages)
+        .where(messages.c.id == bindparam("b_id"), messages.c.status == "sending")
+        .values(
+            status=bindparam("b_status"),
+            reason=bindparam("b_reason"),
+            smtp_code=bindparam("b_code"),
+            smtp_response=bindparam("b_response"),
+            next_attempt_at=bindparam("b_next"),
+            sent_at=bindparam("b_sent"),
+            lease_until=None,
+            updated_at=bindparam("b_now"),
+        )
+    )
+    result = conn.execute(statement, params)
+    add_events(
+        conn,
+        [(o.id, o.event or o.status, o.reason or o.smtp_response) for o in outcomes],
+        now,
+    )
+    return int(result.rowcount or 0)
+
+
+def add_events(
+    conn: Connection, events: Sequence[tuple[str, str, str | None]], now: datetime
+) -> None:
+    """Append history entries ``(message id, type, detail)``."""
+    if events:
+        conn.execute(
+            insert(message_events),
+            [
+                {"message_id": mid, "at": now, "type": kind,
+                 "detail": detail[:500] if detail else None}
+                for mid, kind, detail in events
+            ],
+        )
+
+
+def transition(
+    conn: Connection, message_id: str, expected: Sequence[str], status: str, now: datetime,
+    *, reason: str | None = None, event: str | None = None,
+) -> bool:
+    """Compare-and-set one message from any of ``expected`` to ``status``."""
+    result = conn.execute(
+        update(messages)
+        .where(messages.c.id == message_id, messages.c.status.in_(list(expected)))
+        .values(status=status, reason=reason, updated_at=now)
+    )
+    changed = bool(result.rowcount)
+    if changed:
+        add_events(conn, [(message_id, event or status, reason)], now)
+    return changed
+
+
+def due_for_sweep(
+    conn: Connection, now: datetime, stale_after: timedelta, limit: int = 5000
+) -> list[str]:
+    """Ids the sweeper should (re-)enqueue, and mark them as just touched.
+
+    Covers rows left ``queued`` (the enqueue after commit was lost: Redis down, process
+    killed), ``sending`` rows whose lease expired (worker killed mid-send), ``deferred``
+    rows overdue for their retry, and ``scheduled`` rows whose time has come.
+    """
+    stale = now - stale_after
+    due_scheduled = [
+        r.id
+        for r in conn.execute(
+            select(messages.c.id)
+            .where(messages.c.status == "scheduled", messages.c.send_at <= now)
+            .limit(limit)
+        )
+    ]
+    if due_scheduled:
+        conn.execute(
+            update(messages)
+            .where(messages.c.id.in_(due_scheduled), messages.c.status == "scheduled")
+            .values(status="queued", updated_at=now)
+        )
+        add_events(conn, [(mid, "queued", "send_at reached") for mid in due_scheduled], now)
+    stuck = [
+        r.id
+        for r in conn.execute(
+            select(messages.c.id)
+            .where(
+                or_(
+                    and_(messages.c.status == "queued", messages.c.updated_at < stale),
+                    and_(messages.c.status == "sending", messages.c.lease_until < now),
+                    and_(messages.c.status == "deferred", messages.c.next_attempt_at < stale),
+                )
+            )
+            .limit(limit)
+        )
+    ]
+    if stuck:
+        # Touch queued rows so the next sweep does not enqueue them again at once.
+        conn.execute(
+            update(messages)
+            .where(messages.c.id.in_(stuck), messages.c.status == "queued")
+            .values(updated_at=now)
+        )
+    return due_scheduled + stuck
