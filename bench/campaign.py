@@ -4,7 +4,7 @@ The message is the pipeline's (same HTML) as a newsletter promotion, so it also 
 the compliance footer and the List-Unsubscribe headers. The scenario seeds a fresh
 database with recipients who all opted in to the newsletter (5 % of them hard-bounced),
 starts the workers and a fan-out process that creates a campaign and runs the scheduler's
-campaign job (``mailer.fanout.tick``) until it has fanned out. The clock runs from the go
+campaign job (``mailer.campaigns.tick.tick``) until it has fanned out. The clock runs from the go
 signal to the sink's 250 for the last message.
 
 The fan-out process: ``python -m bench.campaign --database-url U --redis R --ready F
@@ -67,7 +67,7 @@ def run(cfg: Config, sink_kind: str, index: int) -> Measurement:
     """One measured campaign: fan-out and sending overlap, as they do in production."""
     work = cfg.work / f"campaign-{sink_kind}-{index}"
     work.mkdir(parents=True)
-    db_url = f"sqlite:///{work / 'mailer.store.db'}"
+    db_url = f"sqlite:///{work / 'mailer.db'}"
     upgrade(db_url)
     sink = Sink(sink_kind, work)
     templates = content.lay_templates(ROOT / "templates", work / "templates")
@@ -149,7 +149,7 @@ def _verify(db_url: str, sent: int, suppressed: int, timeout: float) -> None:
 def fan_out(db_url: str, redis_url: str, ready: Path, go: Path, result: Path) -> None:
     """Create the campaign at the go signal and run the campaign job until it is done."""
     from mailer.campaigns import lifecycle as campaigns
-    from mailer.campaigns.fanout import tick
+    from mailer.campaigns.tick import tick
     from mailer.config import Settings
     from mailer.runtime import Runtime
     from mailer.sending.queue import RedisEnqueuer

@@ -4,7 +4,7 @@
 
 Generates N recipients in a fresh SQLite database (a third opted in to the newsletter, 1 %
 of those hard-bounced), then fans a campaign out to all of them in a *separate process*
-that runs the scheduler's campaign job (``mailer.fanout.tick``) until the fan-out is done,
+that runs the scheduler's campaign job (``mailer.campaigns.tick.tick``) until the fan-out is done,
 enqueuing into a counting enqueuer (or a real Redis with ``--redis``). That process's
 peak RSS (``resource.getrusage``) is the figure that matters: it holds one batch at a time.
 """
@@ -106,7 +106,8 @@ def fan_out(url: str, redis_url: str | None, batch: int, preview: bool) -> dict[
     from sqlalchemy import func, select
 
     from mailer.campaigns import lifecycle as campaigns
-    from mailer.campaigns.fanout import eligibility, tick
+    from mailer.campaigns.audience import eligibility
+    from mailer.campaigns.tick import tick
     from mailer.config import Settings
     from mailer.mail.templates import Catalogue
     from mailer.runtime import Runtime

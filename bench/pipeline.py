@@ -147,7 +147,7 @@ def _run(cfg: Config, sink_kind: str, index: int, *, drain: bool) -> Measurement
     scenario = "worker drain" if drain else "pipeline"
     work = cfg.work / f"{scenario.replace(' ', '-')}-{sink_kind}-{index}"
     work.mkdir(parents=True)
-    db_url = f"sqlite:///{work / 'mailer.store.db'}"
+    db_url = f"sqlite:///{work / 'mailer.db'}"
     upgrade(db_url)
     label = f"r{index}{sink_kind[0]}"
     key, suppressed = _seed(db_url, label, cfg.messages, cfg.warmup)

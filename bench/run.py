@@ -139,7 +139,7 @@ def table(rows: list[dict[str, object]]) -> str:
 
 def campaign_rows(quick: bool, log: Path) -> str | None:
     """Run the campaign fan-out benchmark when campaigns have landed; return its output."""
-    if not CAMPAIGN_SCRIPT.exists() or not (ROOT / "mailer" / "fanout.py").exists():
+    if not CAMPAIGN_SCRIPT.exists() or not (ROOT / "mailer" / "campaigns" / "tick.py").exists():
         return None
     argv = [python(), str(CAMPAIGN_SCRIPT)] + (["--quick"] if quick else [])
     try:
@@ -261,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "the figures understate this machine.")
     if "fanout" in scenarios:
         output = campaign_rows(args.quick, work.parent / f"{work.name}-campaign.log")
-        print(output if output else "campaign fan-out: not available yet (mailer/fanout.py)")
+        print(output if output else "campaign fan-out: not available (mailer/campaigns/tick.py)")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(), "rows": rows,
                                          "runs": [asdict(m) for m in results]}, indent=2))

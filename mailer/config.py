@@ -5,12 +5,14 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
 from mailer.errors import ConfigError
+from mailer.smtp.limits import DomainLimit, parse_domain_limits, parse_max_rate
 
 #: The project root, where the shipped ``templates/`` folder lives.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -40,11 +42,49 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+_ENV_LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$")
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """Parse a ``.env`` file: ``NAME=value`` lines, ``#`` comments, optional quotes.
+
+    No interpolation and no escapes: the file ``make run`` writes holds plain values, and
+    a shell can ``source`` it too (values with spaces are single-quoted).
+    """
+    values: dict[str, str] = {}
+    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = _ENV_LINE.match(line)
+        if match is None:
+            raise ConfigError(f"{path}:{number}: not a NAME=value line")
+        name, value = match.groups()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[name] = value
+    return values
+
+
+def load_env_file(path: Path, environ: MutableMapping[str, str] | None = None) -> bool:
+    """Add the variables of ``path`` to the environment, never replacing one already set.
+
+    Returns whether the file existed. A variable exported in the shell wins over the file,
+    so ``MAILER_SMTP_PORT=2526 mailer sink`` does what it says.
+    """
+    env = os.environ if environ is None else environ
+    if not path.is_file():
+        return False
+    for name, value in read_env_file(path).items():
+        env.setdefault(name, value)
+    return True
+
+
 @dataclass(frozen=True)
 class Settings:
     """Typed configuration; build it with :meth:`from_environ`."""
 
-    database_url: str = "sqlite:///var/mailer.store.db"
+    database_url: str = "sqlite:///var/mailer.db"
     redis_url: str = "redis://127.0.0.1:6379/0"
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 1025
@@ -76,6 +116,27 @@ class Settings:
     dkim_domain: str | None = None
     dkim_selector: str | None = None
     dkim_private_key_file: str | None = None
+    #: SPEC 6: sign with a DKIM domain not aligned with the From domain anyway.
+    dkim_allow_unaligned: bool = False
+    #: SPEC 6: the EHLO name; None means helo.helo_name's default (never localhost).
+    smtp_helo_name: str | None = None
+    #: Extra CA certificates (PEM) trusted for the relay's TLS, besides the system store.
+    smtp_ca_file: str | None = None
+    #: SPEC 5: messages per second across all workers; None is unlimited.
+    smtp_max_rate: float | None = None
+    #: SPEC 5: per recipient domain rate and concurrency (``MAILER_DOMAIN_LIMITS``).
+    domain_limits: Mapping[str, DomainLimit] = field(default_factory=dict)
+    #: SPEC 12: the domain of ``mailer inbound`` (VERP bounces, ``mailto:`` unsubscribe).
+    inbound_domain: str | None = None
+    inbound_host: str = "127.0.0.1"
+    inbound_port: int = 2525
+    #: SPEC 12: ``imap(s)://user:pass@host[:port]/folder[?delete=true]`` to poll.
+    bounce_imap_url: str | None = None
+    bounce_poll_interval: timedelta = timedelta(minutes=1)
+    #: SPEC 6: the envelope sender when VERP is off (else the From address).
+    return_path: str | None = None
+    #: Where mail to ``postmaster@`` the inbound domain is kept for a person (a Maildir).
+    postmaster_dir: Path = Path("var/postmaster")
 
     @classmethod
     def from_environ(
@@ -162,4 +223,147 @@ class Settings:
             dkim_domain=get("DKIM_DOMAIN"),
             dkim_selector=get("DKIM_SELECTOR"),
             dkim_private_key_file=get("DKIM_PRIVATE_KEY_FILE"),
+            dkim_allow_unaligned=_flag("DKIM_ALLOW_UNALIGNED", get("DKIM_ALLOW_UNALIGNED")),
+            smtp_helo_name=get("SMTP_HELO_NAME"),
+            smtp_ca_file=get("SMTP_CA_FILE"),
+            smtp_max_rate=parse_max_rate(get("SMTP_MAX_RATE")),
+            domain_limits=parse_domain_limits(get("DOMAIN_LIMITS")),
+            inbound_domain=_inbound_domain(get("INBOUND_DOMAIN")),
+            inbound_host=get("INBOUND_HOST", "127.0.0.1") or "127.0.0.1",
+            inbound_port=get_int("INBOUND_PORT", 2525),
+            bounce_imap_url=_imap_url(get("BOUNCE_IMAP_URL")),
+            bounce_poll_interval=get_duration("BOUNCE_POLL_INTERVAL", timedelta(minutes=1)),
+            return_path=_return_path(get("RETURN_PATH")),
+            postmaster_dir=Path(get("POSTMASTER_DIR", "var/postmaster") or "var/postmaster"),
         )
+
+
+_DOMAIN = re.compile(r"^(?=.{1,253}$)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
+_MAILBOX = re.compile(r"^[^\s@<>]{1,64}@[^\s@<>]{1,253}$")
+
+
+def _inbound_domain(raw: str | None) -> str | None:
+    """``MAILER_INBOUND_DOMAIN``, lower-cased; a bad one stops the process (SPEC 6)."""
+    if raw is None:
+        return None
+    domain = raw.strip().rstrip(".").lower()
+    if not _DOMAIN.match(domain):
+        raise ConfigError(f"MAILER_INBOUND_DOMAIN is not a domain name: {raw!r}")
+    return domain
+
+
+def _return_path(raw: str | None) -> str | None:
+    """``MAILER_RETURN_PATH``: a bare address (it goes into MAIL FROM as it is)."""
+    if raw is None:
+        return None
+    address = raw.strip().strip("<>").strip()
+    if not _MAILBOX.match(address):
+        raise ConfigError("MAILER_RETURN_PATH must be a bare address like bounces@example.com")
+    return address
+
+
+def _imap_url(raw: str | None) -> str | None:
+    """``MAILER_BOUNCE_IMAP_URL``, checked at start-up (SPEC 6: a bad setting stops us)."""
+    if raw is None:
+        return None
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(raw)
+        port = parts.port
+    except ValueError:
+        raise ConfigError("MAILER_BOUNCE_IMAP_URL is not a valid URL") from None
+    if parts.scheme not in ("imap", "imaps") or not parts.hostname:
+        raise ConfigError("MAILER_BOUNCE_IMAP_URL must be imap://user:pass@host/folder "
+                          "or imaps://...")
+    if not parts.username or parts.password is None:
+        raise ConfigError("MAILER_BOUNCE_IMAP_URL must name a user and a password")
+    del port
+    return raw
+
+
+def _flag(name: str, raw: str | None) -> bool:
+    """A boolean variable: true/false (also 1/0, yes/no); anything else stops the process."""
+    if raw is None:
+        return False
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"MAILER_{name} must be true or false, not {raw!r}")
+
+
+def check(settings: Settings) -> None:
+    """Check the whole configuration beyond parsing; raise :class:`ConfigError` on the first
+    problem (SPEC 6: a bad setting stops the process instead of failing messages one by one).
+    """
+    # Imported here: these modules import this one.
+    from mailer.mail.dkim import DkimSigner
+    from mailer.mail.headers import parse_sender
+    from mailer.smtp.helo import helo_name
+    from mailer.smtp.pool import tls_context
+
+    for name, value in (("FROM", settings.mail_from), ("REPLY_TO", settings.reply_to),
+                        ("RETURN_PATH", settings.return_path)):
+        if value is not None:
+            try:
+                parse_sender(value)
+            except ConfigError as exc:
+                raise ConfigError(f"MAILER_{name}: {exc}") from None
+    if not 0 < settings.smtp_port < 65536:
+        raise ConfigError(f"MAILER_SMTP_PORT must be 1-65535, not {settings.smtp_port}")
+    for name, number in (("SMTP_POOL_SIZE", settings.smtp_pool_size),
+                         ("MAX_ATTEMPTS", settings.max_attempts)):
+        if number < 1:
+            raise ConfigError(f"MAILER_{name} must be at least 1, not {number}")
+    for name, duration in (("SMTP_TIMEOUT", timedelta(seconds=settings.smtp_timeout)),
+                           ("SEND_LEASE", settings.send_lease),
+                           ("SWEEP_INTERVAL", settings.sweep_interval),
+                           ("RETRY_BASE", settings.retry_base)):
+        if duration <= timedelta(0):
+            raise ConfigError(f"MAILER_{name} must be longer than 0")
+    if not settings.public_url.startswith(("https://", "http://")):
+        raise ConfigError("MAILER_PUBLIC_URL must start with https:// (or http://)")
+    if not settings.templates_dir.is_dir():
+        raise ConfigError(f"MAILER_TEMPLATES_DIR {str(settings.templates_dir)!r} is not a folder")
+    helo_name(settings.smtp_helo_name, settings.mail_from)
+    tls_context(settings.smtp_ca_file)
+    if DkimSigner.from_settings(settings) is not None:
+        _check_alignment(settings, parse_sender(settings.mail_from)[1])
+
+
+def _check_alignment(settings: Settings, from_address: str) -> None:
+    """SPEC 6, DMARC (RFC 7489 section 3.1.1): ``d=`` must be the From domain or a parent."""
+    signing = (settings.dkim_domain or "").lower().rstrip(".")
+    sender = from_address.rpartition("@")[2].lower().rstrip(".")
+    # A bare top-level domain ("com") is a parent of everything and nobody's own domain:
+    # an organisational domain (RFC 7489 section 3.2) has at least two labels.
+    if "." in signing and (sender == signing or sender.endswith("." + signing)):
+        return
+    if settings.dkim_allow_unaligned:
+        return
+    raise ConfigError(
+        f"MAILER_DKIM_DOMAIN {signing!r} is not aligned with the From domain {sender!r} "
+        "(DMARC would fail): use the From domain or a parent of it, or set "
+        "MAILER_DKIM_ALLOW_UNALIGNED=true"
+    )
+
+
+def load_or_exit(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and check the configuration at a process's start-up; on a problem, print one
+    line to stderr and exit with status 2 (SPEC 6 and 11: every process checks at start)."""
+    try:
+        settings = Settings.from_environ(environ)
+        check(settings)
+    except ConfigError as exc:
+        print(f"mailer: configuration error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    return settings
+
+
+if __name__ == "__main__":
+    # ``python -m mailer.config``: check the configuration and exit 0, or 2 with one line.
+    # The Procfile's ``web`` runs it first, because uvicorn with several workers
+    # (WEB_CONCURRENCY) restarts a worker that exits instead of stopping.
+    load_or_exit()

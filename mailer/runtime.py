@@ -5,28 +5,32 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
 from sqlalchemy import Engine
 
 from mailer.config import Settings
 from mailer.mail.headers import parse_sender
+from mailer.mail.stored import StoredTemplates
 from mailer.mail.templates import Catalogue
 from mailer.preferences.tokens import TokenSigner
 from mailer.sending.queue import Enqueuer, RedisEnqueuer
 from mailer.store.db import make_engine
 from mailer.store.recipients import Address
+from mailer.times import utcnow
 from suppression.addresses import address_hash, normalise
 
-
-def utcnow() -> datetime:
-    """The current time, aware UTC."""
-    return datetime.now(UTC)
+__all__ = ["Runtime", "utcnow"]
 
 
 @dataclass
 class Runtime:
-    """Settings plus the database, templates, token signer and queue of one process."""
+    """Settings plus the database, templates, token signer and queue of one process.
+
+    Every entry point (API, worker, scheduler, CLI) builds one, and this is the one place
+    that wires the pieces together: in particular the catalogue finds marketing templates
+    stored through the API by name, like file templates (SPEC 7), in every process.
+    """
 
     settings: Settings
     engine: Engine
@@ -44,6 +48,9 @@ class Runtime:
         # when the signing key rotates, so they stay keyed by the oldest key in use.
         oldest = (*self.settings.old_secret_keys, self.settings.secret_key)[0]
         self._hash_key = oldest.encode()
+        stored = self.catalogue.fallback
+        if not (isinstance(stored, StoredTemplates) and stored.engine is self.engine):
+            self.catalogue.fallback = StoredTemplates(self.engine)
 
     @classmethod
     def from_settings(cls, settings: Settings, enqueuer: Enqueuer | None = None) -> Runtime:

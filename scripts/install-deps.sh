@@ -2,8 +2,10 @@
 # Install what `make run` (and, with --test, `make test`) needs on a fresh Debian machine.
 #
 # Idempotent: apt packages are installed only when missing, the virtualenv is created only
-# when absent or broken, and pip runs only when pyproject.toml changed since the last
-# install (a sha256 stamp is kept inside .venv). A second run takes about a second.
+# when absent or broken, and pip runs only when pyproject.toml or constraints.txt changed
+# since the last install (a sha256 stamp is kept inside .venv). A second run takes about a
+# second. Every Python package is pinned by constraints.txt (`make lock` regenerates it), so
+# a new upstream release changes nothing here until it is locked on purpose.
 #
 # Usage: scripts/install-deps.sh [--test]
 set -euo pipefail
@@ -27,11 +29,41 @@ as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
+#: Seconds to wait for another apt or dpkg (unattended-upgrades, a second shell) to finish,
+#: retrying every APT_LOCK_POLL seconds.
+APT_LOCK_WAIT=600
+APT_LOCK_POLL=3
+
+# apt-get with a wait for the locks another apt holds. DPkg::Lock::Timeout covers only
+# dpkg's own lock; `apt-get update` takes the lists lock (and install the archives lock)
+# without waiting, so a run that failed on a lock is retried until APT_LOCK_WAIT is spent.
+# Output is shown only on failure (apt prints progress even with -qq).
+apt_get() {
+    local log deadline=$((SECONDS + APT_LOCK_WAIT)) waiting=0
+    log=$(mktemp)
+    until as_root apt-get -o DPkg::Lock::Timeout="$APT_LOCK_WAIT" "$@" >"$log" 2>&1; do
+        if grep -qE 'Could not get lock|Unable to (acquire|lock)' "$log" \
+            && [ "$SECONDS" -lt "$deadline" ]; then
+            if [ "$waiting" -eq 0 ]; then
+                step "waiting up to ${APT_LOCK_WAIT}s for another apt to release its lock"
+                waiting=1
+            fi
+            sleep "$APT_LOCK_POLL"
+        else
+            cat "$log" >&2
+            rm -f "$log"
+            echo "apt-get $1 failed" >&2
+            exit 1
+        fi
+    done
+    rm -f "$log"
+}
+
 apt_updated=0
 apt_update_once() {
     if [ "$apt_updated" -eq 0 ]; then
         step "apt-get update"
-        as_root apt-get update -qq
+        apt_get update -qq
         apt_updated=1
     fi
 }
@@ -56,7 +88,7 @@ apt_install() {
         our_policy=1
     fi
     step "apt-get install $*"
-    as_root apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+    apt_get install -y -qq --no-install-recommends "$@"
     drop_policy
 }
 
@@ -77,6 +109,8 @@ if [ "$with_test" -eq 1 ]; then
     # (both live in /usr/sbin, which a non-root PATH may lack).
     [ -x /usr/sbin/postfix ] || missing+=(postfix)
     [ -x /usr/sbin/dovecot ] || missing+=(dovecot-core)
+    # A real IMAP server for the bounce-mailbox poller's tests (tests/imap_server.py).
+    [ -x /usr/lib/dovecot/imap ] || missing+=(dovecot-imapd)
 fi
 if [ "${#missing[@]}" -gt 0 ]; then
     apt_install "${missing[@]}"
@@ -99,9 +133,13 @@ else
 fi
 
 # --- Python packages -------------------------------------------------------------------
-# The stamp holds "<sha256 of pyproject.toml> <extras>"; a test install also satisfies a
-# plain one, since it is a superset.
-want_sha=$(sha256sum pyproject.toml | cut -d' ' -f1)
+# The stamp holds "<sha256 of pyproject.toml and constraints.txt> <extras>"; a test install
+# also satisfies a plain one, since it is a superset.
+# Without constraints.txt (deleted to start over) the newest releases are installed.
+CONSTRAINTS=constraints.txt
+pins=()
+if [ -f "$CONSTRAINTS" ]; then pins=("$CONSTRAINTS"); fi
+want_sha=$(cat pyproject.toml "${pins[@]}" | sha256sum | cut -d' ' -f1)
 have_sha="" have_extras=""
 if [ -f "$STAMP" ]; then read -r have_sha have_extras <"$STAMP" || true; fi
 
@@ -110,12 +148,17 @@ if [ "$with_test" -eq 1 ]; then extras=test; target='.[test]'; else extras=none;
 if [ "$have_sha" = "$want_sha" ] && { [ "$extras" = none ] || [ "$have_extras" = test ]; }; then
     step "python packages up to date"
 else
-    step "pip install -e $target"
+    pip_args=(install -q --disable-pip-version-check)
+    if [ "${#pins[@]}" -eq 1 ]; then
+        pip_args+=(-c "$CONSTRAINTS")
+        step "pip install -c $CONSTRAINTS -e $target"
+    else
+        step "pip install -e $target (no $CONSTRAINTS: newest releases; make lock pins them)"
+    fi
     # pip's log is shown only on failure: this machine's pip.conf names local indexes that
     # may be absent, and pip warns about each of them on every run.
     pip_log=$(mktemp)
-    if ! "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$target" \
-        >"$pip_log" 2>&1; then
+    if ! "$VENV/bin/python" -m pip "${pip_args[@]}" -e "$target" >"$pip_log" 2>&1; then
         cat "$pip_log" >&2
         rm -f "$pip_log"
         echo "pip install failed" >&2

@@ -5,7 +5,7 @@
 # a kill -9 of a Redis without persistence lost 73% of the queued messages. RDB snapshots
 # are off (--save '') since the AOF already covers restarts.
 #
-# Usage: scripts/start-redis.sh DIR PORT
+# Usage: scripts/start-redis.sh DIR PORT (exit 0 also when DIR's Redis already runs there)
 set -euo pipefail
 
 if [ "$#" -ne 2 ]; then
@@ -17,15 +17,23 @@ port=$2
 #: How long to wait for the server to answer PING (seconds, in 0.1 s steps).
 wait_tenths=100
 
-pong() { [ "$(redis-cli -h 127.0.0.1 -p "$port" ping 2>/dev/null)" = PONG ]; }
-
-if pong; then
-    echo "redis already answering on 127.0.0.1:$port"
-    exit 0
-fi
+pong() { [ "$(timeout 2 redis-cli -h 127.0.0.1 -p "$port" ping 2>/dev/null)" = PONG ]; }
 
 mkdir -p "$dir"
-dir=$(cd "$dir" && pwd)
+dir=$(cd "$dir" && pwd -P)
+
+# A server already on the port is reused only when it is the one keeping its data in DIR;
+# anything else there (another project's Redis, another program) is an error, not a queue.
+if (: <>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    their_dir=$(timeout 3 redis-cli -h 127.0.0.1 -p "$port" config get dir 2>/dev/null \
+        | sed -n 2p || true)
+    if [ "$their_dir" = "$dir" ]; then
+        echo "redis already running on 127.0.0.1:$port (dir $dir)"
+        exit 0
+    fi
+    echo "127.0.0.1:$port is taken by a program other than the Redis of $dir" >&2
+    exit 1
+fi
 
 redis-server \
     --bind 127.0.0.1 --port "$port" \

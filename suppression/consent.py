@@ -10,9 +10,11 @@ from datetime import datetime
 #: ``third_party`` topic needs it as well as the topic's own opt-in (SPEC section 2).
 THIRD_PARTY_SHARING = "third_party_sharing"
 
-#: Sources that are the recipient's own action (forms, links and pages they used).
+#: Sources that are the recipient's own action (forms, links and pages they used, and the
+#: ``mailto:`` of List-Unsubscribe, RFC 2369, answered by their own mailbox).
 SELF_SERVICE_SOURCES = frozenset(
-    {"signup_form", "preference_center", "double_opt_in", "unsubscribe_link", "one_click"}
+    {"signup_form", "preference_center", "double_opt_in", "unsubscribe_link", "one_click",
+     "mailto"}
 )
 
 #: Sources that are someone else acting for the recipient (bulk import, a service, staff).

@@ -72,7 +72,7 @@ def db_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             upgrade(url)
             yield url
     else:
-        url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'mailer.store.db'}"
+        url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'mailer.db'}"
         upgrade(url)
         yield url
 

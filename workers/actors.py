@@ -7,15 +7,22 @@ import threading
 
 import dramatiq
 
+from mailer.config import load_or_exit
 from mailer.mail.dkim import DkimSigner
 from mailer.mail.mime import MessageBuilder
 from mailer.runtime import Runtime
 from mailer.sending.dispatch import Dispatcher
 from mailer.sending.queue import SEND_ACTOR, SEND_QUEUE, RedisEnqueuer
-from mailer.smtp.transport import BlockingTransport, SmtpTransport
-from workers.broker import settings
+from mailer.smtp.bridge import BlockingTransport
+from mailer.smtp.paced import transport_from_settings
+from workers.broker import set_broker
 
 log = logging.getLogger(__name__)
+
+# SPEC 6: a bad setting stops the worker at start-up (one line on stderr, exit 2). The
+# broker is set before the actor below is declared, which binds it to the global broker.
+settings = load_or_exit()
+set_broker(settings)
 
 _lock = threading.Lock()
 _dispatcher: Dispatcher | None = None
@@ -27,7 +34,7 @@ def dispatcher() -> Dispatcher:
     with _lock:
         if _dispatcher is None:
             runtime = Runtime.from_settings(settings, RedisEnqueuer(settings.redis_url))
-            transport = BlockingTransport(lambda: SmtpTransport.from_settings(settings))
+            transport = BlockingTransport(lambda: transport_from_settings(settings))
             builder = MessageBuilder(settings.mail_from, settings.reply_to,
                                      DkimSigner.from_settings(settings))
             _dispatcher = Dispatcher(runtime, transport, builder, retry_base=settings.retry_base)

@@ -8,8 +8,8 @@ import threading
 import time
 from types import FrameType
 
-from mailer.campaigns.fanout import tick as campaign_tick
-from mailer.config import Settings
+from mailer.campaigns.tick import tick as campaign_tick
+from mailer.config import Settings, load_or_exit
 from mailer.runtime import Runtime
 from mailer.sending.sweeper import sweep
 
@@ -29,6 +29,9 @@ def run(settings: Settings | None = None, stop: threading.Event | None = None) -
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
     rt = Runtime.from_settings(settings)
+    if settings.bounce_imap_url:
+        threading.Thread(target=poll_bounces, args=(rt, stop), name="bounce-poller",
+                         daemon=True).start()
     interval = settings.sweep_interval.total_seconds()
     log.info("scheduler started, sweeping every %ss", interval)
     next_sweep = 0.0
@@ -59,10 +62,32 @@ def run(settings: Settings | None = None, stop: threading.Event | None = None) -
     log.info("scheduler stopped")
 
 
+def poll_bounces(rt: Runtime, stop: threading.Event) -> None:
+    """Poll the bounce mailbox every ``MAILER_BOUNCE_POLL_INTERVAL`` (SPEC 12) until ``stop``.
+
+    In its own thread: an IMAP server that is slow to answer must not hold up campaign
+    ticks or the sweeper.
+    """
+    from mailer.inbound.imap import BouncePoller
+
+    poller = BouncePoller(rt)
+    interval = rt.settings.bounce_poll_interval.total_seconds()
+    while not stop.is_set():
+        try:
+            report = poller.poll()
+            if report.seen:
+                log.info("bounce mailbox: %d seen, %d processed, %d failed",
+                         report.seen, report.processed, report.failed)
+        except Exception as exc:  # the mailbox may be down; the next poll retries
+            log.warning("bounce mailbox poll failed: %s", type(exc).__name__)
+        stop.wait(interval)
+
+
 def main() -> None:
     """Console entry point."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    run()
+    # SPEC 6: check the whole configuration first; a bad setting exits 2 with one line.
+    run(load_or_exit())
 
 
 if __name__ == "__main__":

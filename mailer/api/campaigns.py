@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -11,12 +12,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mailer.api.deps import runtime, scoped
 from mailer.campaigns import lifecycle as model
-from mailer.campaigns.fanout import AudienceFilter, eligibility, encoded_size
+from mailer.campaigns.audience import AudienceFilter, eligibility
+from mailer.campaigns.lifecycle import CampaignStatus
 from mailer.errors import TemplateError, ValidationFailed
 from mailer.keys import ApiKey
-from mailer.mail.stored import PROFILE_VARIABLES, StoredTemplate, install
+from mailer.mail.stored import PROFILE_VARIABLES, StoredTemplate
 from mailer.mail.templates import Template
 from mailer.runtime import Runtime
+from mailer.sending.compliance import require_postal_address
 from mailer.store.recipients import topic_row
 from suppression.policy import Category
 
@@ -51,6 +54,11 @@ class _SampleAttributes(dict[str, Any]):
         return ""
 
 
+def _encoded_size(value: Any) -> int:
+    """Bytes of ``value`` as compact JSON (campaign data is stored once, but bounded)."""
+    return len(json.dumps(value, separators=(",", ":"), default=str).encode())
+
+
 def _check_renders(template: Template, data: dict[str, Any]) -> None:
     """Refuse now what would fail for every recipient later (a missing shared variable)."""
     if not isinstance(template, StoredTemplate):
@@ -66,18 +74,14 @@ def _check_renders(template: Template, data: dict[str, Any]) -> None:
 @router.post("", status_code=201)
 def create_campaign(body: CampaignIn, key: MarketingKey, rt: Rt) -> JSONResponse:
     """Schedule a campaign: 201 ``{id, status}``."""
-    install(rt)
     template = rt.catalogue.get(body.template)
     if template.category is not Category.PROMOTION:
         raise ValidationFailed("campaigns send promotions only", code="not_a_promotion")
     if template.topic is not None and template.topic != body.topic:
         raise ValidationFailed(f"template {template.name!r} belongs to topic {template.topic!r}",
                                code="topic_mismatch")
-    if not rt.settings.postal_address:
-        # CAN-SPAM: no commercial mail without the sender's postal address.
-        raise ValidationFailed("promotions cannot be sent until MAILER_POSTAL_ADDRESS is "
-                               "configured", code="postal_address_missing")
-    if encoded_size(body.data) > MAX_DATA_BYTES:
+    require_postal_address(rt.settings.postal_address)
+    if _encoded_size(body.data) > MAX_DATA_BYTES:
         raise ValidationFailed(f"data is limited to {MAX_DATA_BYTES} bytes as JSON")
     audience = AudienceFilter.parse(body.audience)
     send_at = body.send_at
@@ -94,7 +98,8 @@ def create_campaign(body: CampaignIn, key: MarketingKey, rt: Rt) -> JSONResponse
     with rt.engine.begin() as conn:
         topic_row(conn, body.topic)
         campaign_id = model.create(conn, new, key.id, now)
-    return JSONResponse({"id": campaign_id, "status": "scheduled"}, status_code=201)
+    return JSONResponse({"id": campaign_id, "status": CampaignStatus.SCHEDULED.value},
+                        status_code=201)
 
 
 @router.get("")

@@ -1,4 +1,4 @@
-"""Request dependencies: the runtime of this process and the authenticated API key."""
+"""What route handlers share: the process's runtime, the API key, a caller's address."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ from collections.abc import Callable
 
 from fastapi import Request
 
-from mailer.errors import Forbidden, Unauthorized
+from mailer.errors import Forbidden, InvalidAddress, Unauthorized
 from mailer.keys import ApiKey, authenticate
 from mailer.runtime import Runtime
+from mailer.store.recipients import Address
+from suppression.addresses import InvalidAddressError
 
 
 def runtime(request: Request) -> Runtime:
@@ -40,3 +42,11 @@ def scoped(*scopes: str) -> Callable[[Request], ApiKey]:
         return key
 
     return dependency
+
+
+def parse_address(rt: Runtime, raw: str) -> Address:
+    """Validate a caller's address; :class:`InvalidAddress` (422) when it does not."""
+    try:
+        return rt.address(raw)
+    except InvalidAddressError as exc:
+        raise InvalidAddress(f"invalid address: {exc}") from None

@@ -13,10 +13,10 @@ from sqlalchemy import select
 from mailer.api.deps import api_key, runtime
 from mailer.errors import Forbidden, NotFound, RequestError, ValidationFailed
 from mailer.keys import ApiKey
-from mailer.preferences.views import iso
 from mailer.runtime import Runtime
-from mailer.sending.accept import MAX_BATCH, Acceptor, SendRequest
+from mailer.sending.accept import MAX_BATCH, Acceptor, Refused, SendRequest, error_body
 from mailer.store.schema import message_events, messages
+from mailer.times import iso
 
 router = APIRouter(prefix="/v1/messages", tags=["messages"])
 
@@ -79,12 +79,9 @@ def send_message(
         body = body.model_copy(update={"idempotency_key": idempotency_key})
     raw = body.model_dump(mode="json", exclude_none=True)
     [result] = Acceptor(rt).accept(key, [_to_request(body, raw)])
-    if "error" in result:
-        error = result["error"]
-        exc = RequestError(error["message"], error["details"], code=error["code"])
-        exc.status = result["status"]
-        raise exc
-    return JSONResponse(result, status_code=202)
+    if isinstance(result, Refused):
+        raise result.error
+    return JSONResponse(result.as_json(), status_code=202)
 
 
 @router.post("/batch", status_code=202)
@@ -104,7 +101,7 @@ def send_batch(
             )
         except RequestError as exc:
             requests.append(None)
-            errors[index] = {"code": exc.code, "message": exc.message, "details": exc.details}
+            errors[index] = error_body(exc)
         except ValueError as exc:  # pydantic.ValidationError
             requests.append(None)
             errors[index] = {
@@ -119,8 +116,7 @@ def send_batch(
         if req is None:
             results.append({"error": errors[index]})
             continue
-        outcome = next(accepted)
-        results.append({"error": outcome["error"]} if "error" in outcome else outcome)
+        results.append(next(accepted).as_json())
     return {"results": results}
 
 

@@ -16,9 +16,10 @@ from sqlalchemy import func, select
 from mailer.api.deps import runtime, scoped
 from mailer.errors import ValidationFailed
 from mailer.keys import ApiKey
-from mailer.reports.apply import Result
+from mailer.reports.matching import Result
 from mailer.runtime import Runtime
-from mailer.store.schema import bounce_reports, messages, suppressions
+from mailer.store.schema import bounce_reports, message_events, messages, suppressions
+from mailer.store.status import MessageStatus
 from mailer.webhooks import PROVIDERS
 
 router = APIRouter(tags=["operations"])
@@ -55,6 +56,13 @@ class OutboxCollector(Collector):
                 .group_by(bounce_reports.c.source, bounce_reports.c.result)
             ):
                 reports[(row[0], row[1])] = int(row[2] or 0)
+            # SPEC 5: attempts a relay refused because of *our* settings (credentials,
+            # EHLO name, TLS, relaying); each deferral records one event with this detail.
+            relay_errors = conn.execute(
+                select(func.count()).select_from(message_events).where(
+                    message_events.c.type == MessageStatus.DEFERRED,
+                    message_events.c.detail == "relay_error")
+            ).scalar_one()
         by_result = CounterMetricFamily(
             "mailer_bounce_reports", "Bounce and complaint reports by source and result "
             "(applied, unmatched: not tied to mail we sent, unrecognised: no usable recipient)",
@@ -64,6 +72,10 @@ class OutboxCollector(Collector):
         yield by_status
         yield by_reason
         yield by_result
+        yield CounterMetricFamily(
+            "mailer_relay_errors", "SMTP attempts deferred because the relay refused us "
+            "(authentication, EHLO name, TLS or relaying), not the recipient",
+            value=relay_errors)
 
 
 @router.get("/metrics")

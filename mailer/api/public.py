@@ -29,7 +29,8 @@ from starlette.concurrency import run_in_threadpool
 from mailer.api.deps import runtime
 from mailer.config import PROJECT_ROOT
 from mailer.mail.headers import parse_sender
-from mailer.preferences.optin import DoubleOptIn, SelfService
+from mailer.preferences.double_opt_in import DoubleOptIn
+from mailer.preferences.self_service import SelfService
 from mailer.preferences.tokens import BadToken, Token
 from mailer.runtime import Runtime
 from suppression.consent import THIRD_PARTY_SHARING

@@ -11,23 +11,23 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import insert, select, update
 
-from mailer.api.deps import runtime, scoped
-from mailer.errors import Conflict, ValidationFailed
+from mailer.api.deps import parse_address, runtime, scoped
+from mailer.errors import ValidationFailed
 from mailer.keys import ApiKey
 from mailer.mail.headers import check_header_value
+from mailer.preferences.access import export_recipient, profile, recipient_view
+from mailer.preferences.double_opt_in import API_SOURCES, OWN_CHANNEL_SOURCES, DoubleOptIn
 from mailer.preferences.erasure import erase
-from mailer.preferences.export import export_recipient
-from mailer.preferences.optin import API_SOURCES, OWN_CHANNEL_SOURCES, DoubleOptIn
-from mailer.preferences.views import iso, parse_address, profile, recipient_view
 from mailer.runtime import Runtime
 from mailer.store.recipients import (
-    consent_history,
     get_recipient,
     record_consent,
+    refuse_silent_resubscription,
     upsert_recipient,
 )
 from mailer.store.schema import topics
-from suppression.consent import SOURCES, THIRD_PARTY_SHARING, grant_conflicts
+from mailer.times import iso
+from suppression.consent import SOURCES, THIRD_PARTY_SHARING
 
 router = APIRouter(tags=["recipients"])
 
@@ -162,17 +162,13 @@ def _check_source(external_id: str, body: ConsentIn, rt: Runtime) -> None:
             {"source": body.source, "allowed": sorted(API_SOURCES)}, code="source_not_allowed",
         )
     if body.granted and body.source == "signup_form" and not _has_signup_evidence(body.evidence):
-        with rt.engine.connect() as conn:
-            row = get_recipient(conn, external_id)
-            history = consent_history(conn, row.id, body.topic)
         # The no-silent-re-subscription answer comes first, as it always has: a form
         # without evidence cannot turn a "no" back to "yes" (409), and even for a first
         # grant it must show where and from whom it came (422).
-        if grant_conflicts(history, body.topic, body.source, has_evidence=bool(body.evidence)):
-            raise Conflict(
-                "this person revoked consent for the topic; only their own action can "
-                "grant it again", code="consent_conflict",
-            )
+        with rt.engine.connect() as conn:
+            row = get_recipient(conn, external_id)
+            refuse_silent_resubscription(conn, row.id, body.topic, body.source,
+                                         has_evidence=bool(body.evidence))
         raise ValidationFailed(
             "a signup_form grant needs evidence: the form URL (form_url) plus the ip or "
             "user_agent of the submission",

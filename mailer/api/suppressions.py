@@ -11,13 +11,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import delete, select
 
-from mailer.api.deps import runtime, scoped
+from mailer.api.deps import parse_address, runtime, scoped
 from mailer.errors import NotFound, ValidationFailed
 from mailer.keys import ApiKey
-from mailer.preferences.views import iso, parse_address
 from mailer.runtime import Runtime
 from mailer.store.recipients import SUPPRESSION_REASONS, add_suppression
 from mailer.store.schema import suppressions
+from mailer.times import iso
 
 router = APIRouter(tags=["suppressions"])
 Rt = Annotated[Runtime, Depends(runtime)]

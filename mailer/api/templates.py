@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
@@ -12,16 +11,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from mailer.api.deps import runtime, scoped
 from mailer.errors import Conflict, NotFound, ValidationFailed
 from mailer.keys import ApiKey
-from mailer.mail.stored import (
-    MAX_SOURCE_CHARS,
-    StoredTemplate,
-    install,
-    load,
-    save,
-    validate_name,
-)
+from mailer.mail.checks import MAX_SOURCE_CHARS
+from mailer.mail.stored import StoredTemplate, load, save, validate_name
 from mailer.runtime import Runtime
 from mailer.store.recipients import topic_row
+from mailer.times import iso
 from suppression.policy import Category
 
 router = APIRouter(prefix="/v1/templates", tags=["templates"])
@@ -40,17 +34,13 @@ class TemplateIn(BaseModel):
     text: str | None = Field(default=None, max_length=MAX_SOURCE_CHARS["text"])
 
 
-def _iso(value: datetime) -> str:
-    return value.isoformat().replace("+00:00", "Z")
-
-
 def stored_view(row: Any) -> dict[str, Any]:
     """A stored template as the API shows it."""
     return {
         "name": row.name, "source": "stored", "category": row.category, "topic": row.topic,
         "subject": row.subject, "html": row.html, "text": row.text,
         "variables": list(row.variables), "version": row.version,
-        "created_at": _iso(row.created_at), "updated_at": _iso(row.updated_at),
+        "created_at": iso(row.created_at), "updated_at": iso(row.updated_at),
     }
 
 
@@ -64,7 +54,6 @@ def put_template(
         # Transactional and legal templates are files, reviewed and deployed with the code.
         raise ValidationFailed("stored templates are promotions; other categories are files",
                                code="invalid_category")
-    install(rt)
     if any(t.name == name for t in rt.catalogue):
         raise Conflict(f"{name!r} is a file template", code="file_template")
     template = StoredTemplate(name, body.topic, body.subject, body.html, body.text)

@@ -19,6 +19,7 @@ from sqlalchemy import insert
 from mailer.api.deps import runtime
 from mailer.api.errors import error_response
 from mailer.reports.apply import DatabaseSeenTokens, EventApplier
+from mailer.reports.intake import ReportIntake
 from mailer.runtime import Runtime
 from mailer.store.schema import sns_subscriptions
 from mailer.webhooks import (
@@ -31,8 +32,10 @@ from mailer.webhooks import (
     WebhookError,
     WebhookSource,
     body_limit,
+    dsn,
     source,
 )
+from mailer.webhooks.limits import check_size
 
 router = APIRouter(tags=["webhooks"])
 
@@ -100,6 +103,13 @@ def process(
 ) -> JSONResponse:
     """Verify, parse and apply one request; blocking, so called in a worker thread."""
     try:
+        if handler is dsn:
+            # Raw mail: verified, then read, applied and recorded as the inbound listener
+            # does (auto-replies and unreadable reports leave a record too, SPEC 4).
+            check_size(body, dsn.MAX_BODY)
+            dsn.verify(headers, body, config, rt.clock())
+            dsn.check_mail(body)
+            return JSONResponse(ReportIntake(rt).take(body, source=dsn.PROVIDER).counts())
         result = handler.handle(headers, body, config, rt.clock())
     except VerificationFailed:
         # Say nothing about which check failed: that would help a forger.

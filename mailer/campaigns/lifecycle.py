@@ -20,6 +20,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import Connection, Row, and_, func, insert, literal, select, update
@@ -27,24 +28,28 @@ from sqlalchemy import Connection, Row, and_, func, insert, literal, select, upd
 from mailer.errors import Conflict, NotFound
 from mailer.store.outbox import add_events
 from mailer.store.schema import campaigns, consent_events, message_events, messages
+from mailer.store.status import CANCELLABLE, HOLDABLE, PENDING, QUEUED_LIKE, MessageStatus
+from mailer.times import iso
 
-#: Campaign states (SPEC 7).
-STATUSES = ("scheduled", "running", "paused", "cancelled", "completed")
+
+class CampaignStatus(StrEnum):
+    """Where a campaign stands (SPEC 7, 9); the diagram above shows the moves."""
+
+    SCHEDULED = "scheduled"
+    RUNNING = "running"
+    PAUSED = "paused"
+    CANCELLED = "cancelled"
+    COMPLETED = "completed"
+
+
 #: States a campaign never leaves.
-FINISHED = frozenset({"cancelled", "completed"})
-#: Message states a pause holds back: accepted but not yet handed to SMTP.
-HOLDABLE = ("queued", "deferred")
-#: The message state of a paused campaign's unsent messages.
-HELD = "held"
-#: Message states a cancel ends.
-CANCELLABLE = ("queued", "deferred", HELD, "scheduled")
-#: Message states that are not final yet: while any exist the campaign is not completed.
-PENDING = ("queued", "sending", "deferred", HELD, "scheduled")
-#: Message states shown together as "queued" in the counts.
-_QUEUED_LIKE = frozenset({"queued", "sending", "deferred", "scheduled"})
-#: Statuses counted one to one.
-_COUNTED = ("sent", "suppressed", "failed", "bounced", "complained", "unknown", "cancelled",
-            HELD)
+FINISHED = frozenset({CampaignStatus.CANCELLED, CampaignStatus.COMPLETED})
+#: Message states a campaign's counts show one to one, in this order; the rest of
+#: :data:`~mailer.store.status.QUEUED_LIKE` is shown together as "queued".
+_COUNTED = (MessageStatus.SENT, MessageStatus.SUPPRESSED, MessageStatus.FAILED,
+            MessageStatus.BOUNCED, MessageStatus.COMPLAINED, MessageStatus.UNKNOWN,
+            MessageStatus.CANCELLED, MessageStatus.HELD)
+_QUEUED = MessageStatus.QUEUED.value
 
 
 class CampaignStateError(Conflict):
@@ -72,7 +77,8 @@ def create(conn: Connection, new: NewCampaign, api_key_id: int | None, now: date
     conn.execute(insert(campaigns).values(
         id=campaign_id, name=new.name, template=new.template, topic=new.topic,
         data=dict(new.data), audience=dict(new.audience) if new.audience else None,
-        send_at=new.send_at, rate_per_minute=new.rate_per_minute, status="scheduled",
+        send_at=new.send_at, rate_per_minute=new.rate_per_minute,
+        status=CampaignStatus.SCHEDULED,
         late=False, allow_late=False, api_key_id=api_key_id, last_recipient_id=0, written=0,
         created_at=now, updated_at=now,
     ))
@@ -96,7 +102,7 @@ def recent(conn: Connection, limit: int, status: str | None = None) -> list[Row[
 
 
 def _set_status(
-    conn: Connection, campaign_id: str, expected: Sequence[str], now: datetime,
+    conn: Connection, campaign_id: str, expected: Sequence[CampaignStatus], now: datetime,
     **values: Any,
 ) -> bool:
     """Compare-and-set the campaign's status; True when this call made the change."""
@@ -109,13 +115,13 @@ def _set_status(
 
 
 def _move_messages(
-    conn: Connection, campaign_id: str, expected: Sequence[str], status: str, now: datetime,
-    detail: str, reason: str | None = None,
+    conn: Connection, campaign_id: str, expected: frozenset[MessageStatus],
+    status: MessageStatus, now: datetime, detail: str, reason: str | None = None,
 ) -> int:
     """Compare-and-set every matching message of the campaign; log one event each."""
     result = conn.execute(
         update(messages)
-        .where(messages.c.campaign_id == campaign_id, messages.c.status.in_(list(expected)))
+        .where(messages.c.campaign_id == campaign_id, messages.c.status.in_(sorted(expected)))
         .values(status=status, reason=reason, updated_at=now)
     )
     moved = int(result.rowcount or 0)
@@ -124,7 +130,8 @@ def _move_messages(
         # rows just moved are the ones in the new state stamped with this exact moment.
         conn.execute(insert(message_events).from_select(
             ["message_id", "at", "type", "detail"],
-            select(messages.c.id, literal(now, messages.c.updated_at.type), literal(status),
+            select(messages.c.id, literal(now, messages.c.updated_at.type),
+                   literal(status.value),
                    literal(detail))
             .where(messages.c.campaign_id == campaign_id, messages.c.status == status,
                    messages.c.updated_at == now),
@@ -135,15 +142,16 @@ def _move_messages(
 def pause(conn: Connection, campaign_id: str, now: datetime) -> int:
     """Pause a scheduled or running campaign and hold its unsent messages; return held."""
     row = get(conn, campaign_id)
-    if row.status == "paused":
+    if row.status == CampaignStatus.PAUSED:
         return 0  # idempotent: a second click changes nothing
-    if not _set_status(conn, campaign_id, ("scheduled", "running"), now, status="paused",
-                       paused_at=now):
+    if not _set_status(conn, campaign_id, (CampaignStatus.SCHEDULED, CampaignStatus.RUNNING),
+                       now, status=CampaignStatus.PAUSED, paused_at=now):
         raise CampaignStateError(f"a {get(conn, campaign_id).status} campaign cannot be paused")
     # The campaign row is updated (and, on PostgreSQL, locked) before the messages, so a
     # fan-out batch committing concurrently is either refused by its own compare-and-set or
     # fully visible to this statement: nothing it wrote escapes the hold.
-    return _move_messages(conn, campaign_id, HOLDABLE, HELD, now, "campaign paused")
+    return _move_messages(conn, campaign_id, HOLDABLE, MessageStatus.HELD, now,
+                          "campaign paused")
 
 
 def resume(conn: Connection, campaign_id: str, now: datetime) -> int:
@@ -154,28 +162,31 @@ def resume(conn: Connection, campaign_id: str, now: datetime) -> int:
     decision SPEC 9 asks for. The caller enqueues the released messages after commit.
     """
     row = get(conn, campaign_id)
-    if row.status in ("running", "scheduled"):
+    if row.status in (CampaignStatus.RUNNING, CampaignStatus.SCHEDULED):
         return 0
     if row.started_at is None:
-        changed = _set_status(conn, campaign_id, ("paused",), now, status="scheduled",
-                              late=False, allow_late=True, paused_at=None)
+        changed = _set_status(conn, campaign_id, (CampaignStatus.PAUSED,), now,
+                              status=CampaignStatus.SCHEDULED, late=False, allow_late=True,
+                              paused_at=None)
     else:
-        changed = _set_status(conn, campaign_id, ("paused",), now, status="running",
-                              paused_at=None, next_batch_at=None)
+        changed = _set_status(conn, campaign_id, (CampaignStatus.PAUSED,), now,
+                              status=CampaignStatus.RUNNING, paused_at=None, next_batch_at=None)
     if not changed:
         raise CampaignStateError(f"a {get(conn, campaign_id).status} campaign cannot be resumed")
-    return _move_messages(conn, campaign_id, (HELD,), "queued", now, "campaign resumed")
+    return _move_messages(conn, campaign_id, frozenset({MessageStatus.HELD}),
+                          MessageStatus.QUEUED, now, "campaign resumed")
 
 
 def cancel(conn: Connection, campaign_id: str, now: datetime) -> int:
     """Cancel the campaign and every message not yet handed to SMTP; return cancelled."""
-    if not _set_status(conn, campaign_id, ("scheduled", "running", "paused"), now,
-                       status="cancelled", finished_at=now):
+    unfinished = (CampaignStatus.SCHEDULED, CampaignStatus.RUNNING, CampaignStatus.PAUSED)
+    if not _set_status(conn, campaign_id, unfinished, now,
+                       status=CampaignStatus.CANCELLED, finished_at=now):
         row = get(conn, campaign_id)
-        if row.status == "cancelled":
+        if row.status == CampaignStatus.CANCELLED:
             return 0
         raise CampaignStateError(f"a {row.status} campaign cannot be cancelled")
-    return _move_messages(conn, campaign_id, CANCELLABLE, "cancelled", now,
+    return _move_messages(conn, campaign_id, CANCELLABLE, MessageStatus.CANCELLED, now,
                           "campaign cancelled", reason="campaign_cancelled")
 
 
@@ -185,7 +196,7 @@ def queued_ids(conn: Connection, campaign_id: str, page: int = 1000) -> Iterator
     # their ids at once.
     result = conn.execution_options(yield_per=page).execute(
         select(messages.c.id)
-        .where(messages.c.campaign_id == campaign_id, messages.c.status == "queued"))
+        .where(messages.c.campaign_id == campaign_id, messages.c.status == MessageStatus.QUEUED))
     for part in result.partitions():
         yield [r.id for r in part]
 
@@ -197,17 +208,17 @@ class SendContext:
     status: str
     data: Mapping[str, Any]
 
-    def stop(self) -> tuple[str, str | None] | None:
+    def stop(self) -> tuple[MessageStatus, str | None] | None:
         """The state a claimed message takes instead of being sent, if the campaign says so.
 
         A pause or cancel that commits before the send-time check wins, as an unsubscribe
         does: this catches messages a pause could not hold (in a worker's hands at that
         moment, or retried later) without ever sending them.
         """
-        if self.status == "paused":
-            return HELD, None
-        if self.status == "cancelled":
-            return "cancelled", "campaign_cancelled"
+        if self.status == CampaignStatus.PAUSED:
+            return MessageStatus.HELD, None
+        if self.status == CampaignStatus.CANCELLED:
+            return MessageStatus.CANCELLED, "campaign_cancelled"
         return None
 
 
@@ -227,19 +238,19 @@ def release_strays(conn: Connection, now: datetime, limit: int = 1000) -> list[s
     the resume released the others (PostgreSQL runs the two concurrently); this sweep
     makes sure such a message is sent rather than forgotten.
     """
-    running = select(campaigns.c.id).where(campaigns.c.status == "running")
+    running = select(campaigns.c.id).where(campaigns.c.status == CampaignStatus.RUNNING)
     ids = [r.id for r in conn.execute(
         select(messages.c.id)
-        .where(messages.c.campaign_id.in_(running), messages.c.status == HELD)
+        .where(messages.c.campaign_id.in_(running), messages.c.status == MessageStatus.HELD)
         .limit(limit))]
     if not ids:
         return []
     released = [r.id for r in conn.execute(
         update(messages)
-        .where(messages.c.id.in_(ids), messages.c.status == HELD)
-        .values(status="queued", updated_at=now)
+        .where(messages.c.id.in_(ids), messages.c.status == MessageStatus.HELD)
+        .values(status=MessageStatus.QUEUED, updated_at=now)
         .returning(messages.c.id))]
-    add_events(conn, [(i, "queued", "campaign running") for i in released], now)
+    add_events(conn, [(i, MessageStatus.QUEUED, "campaign running") for i in released], now)
     return released
 
 
@@ -247,17 +258,17 @@ def complete_finished(conn: Connection, now: datetime) -> list[str]:
     """Mark running campaigns whose fan-out is done and messages are final ``completed``."""
     done: list[str] = []
     candidates = conn.execute(
-        select(campaigns.c.id).where(campaigns.c.status == "running",
+        select(campaigns.c.id).where(campaigns.c.status == CampaignStatus.RUNNING,
                                      campaigns.c.fanned_out_at.is_not(None))
     ).all()
     for row in candidates:
         pending = conn.execute(
             select(messages.c.id)
-            .where(messages.c.campaign_id == row.id, messages.c.status.in_(PENDING))
+            .where(messages.c.campaign_id == row.id, messages.c.status.in_(sorted(PENDING)))
             .limit(1)
         ).first()
-        if pending is None and _set_status(conn, row.id, ("running",), now,
-                                           status="completed", finished_at=now):
+        if pending is None and _set_status(conn, row.id, (CampaignStatus.RUNNING,), now,
+                                           status=CampaignStatus.COMPLETED, finished_at=now):
             done.append(row.id)
     return done
 
@@ -268,7 +279,7 @@ def counts(conn: Connection, rows: Sequence[Row[Any]]) -> dict[str, dict[str, An
     out: dict[str, dict[str, Any]] = {}
     by_reason: dict[str, dict[str, int]] = defaultdict(dict)
     for row in rows:
-        out[row.id] = {key: 0 for key in ("queued", *_COUNTED, "unsubscribed")}
+        out[row.id] = {key: 0 for key in (_QUEUED, *_COUNTED, "unsubscribed")}
     if not ids:
         return out
     grouped = conn.execute(
@@ -278,9 +289,9 @@ def counts(conn: Connection, rows: Sequence[Row[Any]]) -> dict[str, dict[str, An
     )
     for campaign_id, status, reason, n in grouped:
         bucket = out[campaign_id]
-        key = "queued" if status in _QUEUED_LIKE else status
+        key = _QUEUED if status in QUEUED_LIKE else status
         bucket[key] = bucket.get(key, 0) + n
-        if status == "suppressed":
+        if status == MessageStatus.SUPPRESSED:
             reasons = by_reason[campaign_id]
             reasons[reason or "unknown"] = reasons.get(reason or "unknown", 0) + n
     # Unsubscribed: people who revoked the campaign's topic after its mail reached them.
@@ -300,7 +311,7 @@ def counts(conn: Connection, rows: Sequence[Row[Any]]) -> dict[str, dict[str, An
         out[campaign_id]["unsubscribed"] = n
     for row in rows:
         bucket = out[row.id]
-        written = sum(bucket[k] for k in ("queued", *_COUNTED))
+        written = sum(bucket[k] for k in (_QUEUED, *_COUNTED))
         audience = row.audience_count if row.audience_count is not None else written
         bucket["audience"] = audience
         # Recipients of the snapshot the fan-out has not reached yet.
@@ -311,9 +322,6 @@ def counts(conn: Connection, rows: Sequence[Row[Any]]) -> dict[str, dict[str, An
 
 def view(row: Row[Any], counted: Mapping[str, Any]) -> dict[str, Any]:
     """A campaign as the API shows it (no addresses, only counts)."""
-    def iso(value: datetime | None) -> str | None:
-        return value.isoformat().replace("+00:00", "Z") if value else None
-
     numbers = {k: v for k, v in counted.items() if k != "suppressed_by_reason"}
     return {
         "id": row.id, "name": row.name, "status": row.status, "template": row.template,

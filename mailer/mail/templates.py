@@ -148,7 +148,7 @@ class Catalogue:
                 self._templates[child.name] = load_file_template(child)
         self.footer = Footer(folder / "_system")
         #: Asked for names no file template has: the stored marketing templates, wired by
-        #: ``mailer.mail.stored.install``. File templates always win a name.
+        #: :class:`mailer.runtime.Runtime`. File templates always win a name.
         self.fallback: Callable[[str], Template | None] | None = None
 
     def get(self, name: str) -> Template:

@@ -30,11 +30,10 @@ from mailer.store.schema import (
     recipients,
     suppressions,
 )
+from mailer.store.status import PENDING, MessageStatus
 
 #: What replaces the address wherever it appears inside free text we keep.
 REDACTED = "[erased]"
-#: Messages not yet handed to SMTP are cancelled: there is nobody left to send them to.
-UNFINISHED = ("queued", "scheduled", "deferred", "sending", "held")
 
 
 @dataclass(frozen=True)
@@ -76,11 +75,13 @@ def _scrub_messages(
         return 0, 0
     cancelled = [r.id for r in conn.execute(
         update(messages)
-        .where(messages.c.id.in_(list(ids)), messages.c.status.in_(UNFINISHED))
-        .values(status="cancelled", reason="erased", lease_until=None, updated_at=now)
+                # Messages not finished are cancelled: there is nobody left to send them to.
+        .where(messages.c.id.in_(list(ids)), messages.c.status.in_(sorted(PENDING)))
+        .values(status=MessageStatus.CANCELLED, reason="erased", lease_until=None,
+                updated_at=now)
         .returning(messages.c.id)
     )]
-    add_events(conn, [(mid, "cancelled", "erased") for mid in cancelled], now)
+    add_events(conn, [(mid, MessageStatus.CANCELLED, "erased") for mid in cancelled], now)
     # SMTP replies and event details sometimes quote the address ("<a@b>: user unknown").
     responses = [
         {"b_id": r.id, "b_response": redact(r.smtp_response, needle)}

@@ -36,6 +36,7 @@ from mailer.errors import MailerError
 from mailer.runtime import Runtime
 from mailer.store.recipients import SUPPRESSION_REASONS, add_suppression
 from mailer.store.schema import suppressions
+from mailer.times import iso
 from suppression.addresses import InvalidAddressError
 
 #: Columns written by export and understood by import (only ``email`` or ``email_hash``
@@ -257,8 +258,7 @@ def export_csv(rt: Runtime, destination: str, *, console: Console | None = None,
                 for r in rows:
                     writer.writerow([
                         r.email or "", r.email_hash, r.scope, r.reason, r.source,
-                        r.created_at.isoformat().replace("+00:00", "Z"),
-                        r.expires_at.isoformat().replace("+00:00", "Z") if r.expires_at else "",
+                        iso(r.created_at), iso(r.expires_at) or "",
                     ])
                 written += len(rows)
                 last = rows[-1].id

@@ -1,13 +1,11 @@
 """Apply normalised webhook events to the store: suppressions, ledger, message status.
 
-A report acts only on mail we sent (SPEC 4). Each event is first tied to a message we sent
-to the address it names: by a VERP token (``verp_message_id``), by our ``Message-ID`` (the
-event's recipient must be that message's recipient), or, when it carries no Message-ID of
-ours, by mail sent to that address in the :data:`MATCH_WINDOW` before the report arrived.
-An event that cannot be tied is ``unmatched``; one without a usable recipient is
-``unrecognised``. Neither changes anything but a row in ``bounce_reports``, which /metrics
-counts. The lookups are a few bulk queries per request, and at most :data:`MAX_EVENTS`
-events of one request are acted on, so no report can make unbounded work.
+A report acts only on mail we sent (SPEC 4): each event is first tied to a message we
+sent to the address it names (:mod:`mailer.reports.matching`). An event that cannot be
+tied is ``unmatched``; one without a usable recipient is ``unrecognised``. Neither changes
+anything but a row in ``bounce_reports``, which /metrics counts. At most
+:data:`MAX_EVENTS` events of one request are acted on, so no report can make unbounded
+work.
 
 Idempotent: each provider event id is applied once, in whatever order they arrive
 (a row in ``webhook_events`` is the proof it was seen). Rules from SPEC 4:
@@ -20,15 +18,15 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any
 
-from sqlalchemy import Connection, Row, and_, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, Row, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from mailer.reports.matching import Miss, ReportMatcher, Result, Tie, chunks
 from mailer.runtime import Runtime
 from mailer.store.outbox import add_events
 from mailer.store.recipients import Address, add_suppression
@@ -43,24 +41,12 @@ from mailer.store.schema import (
     topics,
     webhook_events,
 )
+from mailer.store.status import REPORTABLE, MessageStatus
 from mailer.webhooks import EventType, WebhookEvent
-from suppression.addresses import InvalidAddressError
 from suppression.consent import THIRD_PARTY_SHARING
 
 #: A soft-bounce suppression lapses after this long even without a delivery (SPEC 4).
 SOFT_BOUNCE_SUPPRESSION = timedelta(days=30)
-
-#: How far back a report without our Message-ID may find mail we sent (SPEC 4), measured
-#: from when the report arrived by our own clock: the report's dates are the sender's word.
-MATCH_WINDOW = timedelta(days=30)
-
-#: Message states a bounce or complaint may follow: the mail left us, or may have.
-_DELIVERED_STATES = ("sent", "unknown", "sending", "deferred")
-
-#: States of a message that was handed to a relay (or may have been): only such mail can
-#: be the subject of a report. Queued, scheduled, suppressed, cancelled and failed
-#: messages never left us, so a report quoting one is not about our mail.
-SENT_STATES = ("sending", "sent", "unknown", "deferred", "bounced", "complained")
 
 #: Most events acted on per request, by source. A DSN or ARF report is about one message,
 #: and we send every message to exactly one recipient, so a genuine report names one
@@ -71,25 +57,6 @@ MAX_EVENTS: dict[str, int] = {"dsn": 100}
 #: The JSON sources send one event per request, or (SendGrid) a batch of separate events
 #: inside a 1 MiB body; real events are 200 bytes or more, so no real batch exceeds this.
 DEFAULT_MAX_EVENTS = 5000
-
-#: IN-list size for the bulk lookups: below every database's bound-parameter limit.
-_BATCH = 500
-
-_MESSAGE_COLUMNS = (
-    messages.c.id, messages.c.message_id_header, messages.c.to_hash, messages.c.topic,
-    messages.c.status, messages.c.recipient_id,
-)
-
-_T = TypeVar("_T")
-
-
-class Result(StrEnum):
-    """What became of one reported event (the ``result`` label of /metrics)."""
-
-    APPLIED = "applied"
-    UNMATCHED = "unmatched"
-    UNRECOGNISED = "unrecognised"
-
 
 @dataclass
 class ApplyReport:
@@ -107,32 +74,9 @@ class ApplyReport:
                 "unmatched": self.unmatched, "unrecognised": self.unrecognised}
 
 
-@dataclass(frozen=True)
-class Tie:
-    """An event tied to mail we sent: the address it acts on and, if known, our message."""
-
-    email_hash: str
-    address: Address | None
-    message: Row[Any] | None
-
-
-@dataclass(frozen=True)
-class Miss:
-    """An event that changes nothing: unmatched or unrecognised, and why."""
-
-    result: Result
-    reason: str
-    email_hash: str | None = None
-
-
 def max_events(provider: str) -> int:
     """Most events of one request from ``provider`` that are acted on."""
     return MAX_EVENTS.get(provider, DEFAULT_MAX_EVENTS)
-
-
-def _chunks(values: Sequence[_T]) -> Iterable[Sequence[_T]]:
-    for start in range(0, len(values), _BATCH):
-        yield values[start : start + _BATCH]
 
 
 class DatabaseSeenTokens:
@@ -178,7 +122,7 @@ class EventApplier:
         kept, overflow = list(events[:cap]), events[cap:]
         rows: list[dict[str, Any]] = []
         with self.rt.engine.begin() as conn:
-            ties = self._match(conn, kept, verp_message_id, now)
+            ties = ReportMatcher(self.rt).match(conn, kept, verp_message_id, now)
             fresh = self._first_time(conn, kept, ties, now)
             for event, tie, new in zip(kept, ties, fresh, strict=True):
                 if not new:
@@ -208,86 +152,6 @@ class EventApplier:
             if rows:
                 conn.execute(insert(bounce_reports), rows)
         return report
-
-    # --- matching (SPEC 4: a report acts only on mail we sent) ----------------------------
-
-    def _match(
-        self, conn: Connection, events: Sequence[WebhookEvent], verp_message_id: str | None,
-        now: datetime,
-    ) -> list[Tie | Miss]:
-        """Tie each event to mail we sent, with one bulk query per kind of evidence."""
-        parsed = [self._address(event) for event in events]
-        ours = self._messages_by_header(conn, events)
-        verp: Any = None
-        if verp_message_id is not None:
-            verp = conn.execute(
-                select(*_MESSAGE_COLUMNS).where(messages.c.id == verp_message_id)
-            ).first()
-        # Only events without a Message-ID of ours fall back to recent mail.
-        fallback = sorted({
-            address.hash for event, (address, _) in zip(events, parsed, strict=True)
-            if address is not None and verp_message_id is None
-            and _header(event) not in ours
-        })
-        recent = self._recently_mailed(conn, fallback, now)
-        out: list[Tie | Miss] = []
-        for event, (address, invalid) in zip(events, parsed, strict=True):
-            if verp_message_id is not None:
-                out.append(_tie_to_message(verp, None, False, reason="unknown_verp_token"))
-                continue
-            message = ours.get(_header(event) or "")
-            if message is not None:
-                out.append(_tie_to_message(message, address, invalid, reason="not_sent"))
-            elif invalid:
-                out.append(Miss(Result.UNRECOGNISED, "invalid_recipient"))
-            elif address is None:
-                # Neither a recipient nor our Message-ID: nobody to tie it to. A Message-ID
-                # that is not ours counts as none (SPEC 4).
-                out.append(Miss(Result.UNRECOGNISED, "no_recipient"))
-            elif address.hash in recent:
-                out.append(Tie(address.hash, address, None))
-            else:
-                out.append(Miss(Result.UNMATCHED, "not_mailed_recently", address.hash))
-        return out
-
-    def _address(self, event: WebhookEvent) -> tuple[Address | None, bool]:
-        """The event's normalised recipient (None if it names none) and whether it was bad."""
-        if event.recipient is None:
-            return None, False
-        try:
-            return self.rt.address(event.recipient), False
-        except InvalidAddressError:
-            return None, True
-
-    @staticmethod
-    def _messages_by_header(
-        conn: Connection, events: Sequence[WebhookEvent]
-    ) -> dict[str, Any]:
-        """Our message rows whose Message-ID the events carry, by that header."""
-        headers = sorted({h for h in (_header(e) for e in events) if h})
-        found: dict[str, Any] = {}
-        for chunk in _chunks(headers):
-            for row in conn.execute(
-                select(*_MESSAGE_COLUMNS).where(messages.c.message_id_header.in_(chunk))
-            ):
-                found[row.message_id_header] = row
-        return found
-
-    @staticmethod
-    def _recently_mailed(conn: Connection, hashes: Sequence[str], now: datetime) -> set[str]:
-        """The address hashes among ``hashes`` we sent mail to within the window."""
-        cutoff = now - MATCH_WINDOW
-        # sent_at is set on "sent" only; a message whose fate is unknown or that is being
-        # retried was last handed over when it was last updated.
-        recent = or_(messages.c.sent_at >= cutoff,
-                     and_(messages.c.sent_at.is_(None), messages.c.updated_at >= cutoff))
-        found: set[str] = set()
-        for chunk in _chunks(hashes):
-            found.update(r[0] for r in conn.execute(
-                select(messages.c.to_hash).distinct().where(
-                    messages.c.to_hash.in_(chunk), messages.c.status.in_(SENT_STATES), recent)
-            ))
-        return found
 
     def _first_time(
         self, conn: Connection, events: Sequence[WebhookEvent], ties: Sequence[Tie | Miss],
@@ -360,13 +224,13 @@ class EventApplier:
         if message is not None:
             add_events(conn, [(message.id, f"webhook_{kind.value}", detail)], now)
         if kind is EventType.HARD_BOUNCE:
-            self._set_status(conn, message, "bounced", now)
+            self._set_status(conn, message, MessageStatus.BOUNCED, now)
             if not event.policy_rejection:
                 add_suppression(conn, address, email_hash, "all", "hard_bounce", source, now)
         elif kind is EventType.SOFT_BOUNCE:
             self._soft_bounce(conn, address, email_hash, source, event.occurred_at, now)
         elif kind is EventType.COMPLAINT:
-            self._set_status(conn, message, "complained", now)
+            self._set_status(conn, message, MessageStatus.COMPLAINED, now)
             add_suppression(conn, address, email_hash, "marketing", "complaint", source, now)
             self._revoke_all(conn, email_hash, "complaint", event.occurred_at, now)
         elif kind is EventType.UNSUBSCRIBE:
@@ -386,13 +250,13 @@ class EventApplier:
             conn.execute(delete(soft_bounces).where(soft_bounces.c.email_hash == email_hash))
 
     @staticmethod
-    def _set_status(conn: Connection, message: Row[Any] | None, status: str,
+    def _set_status(conn: Connection, message: Row[Any] | None, status: MessageStatus,
                     now: datetime) -> None:
         if message is None:
             return
         conn.execute(
             update(messages)
-            .where(messages.c.id == message.id, messages.c.status.in_(_DELIVERED_STATES))
+            .where(messages.c.id == message.id, messages.c.status.in_(sorted(REPORTABLE)))
             .values(status=status, updated_at=now)
         )
 
@@ -443,7 +307,7 @@ def _known(
     found: set[tuple[str, str]] = set()
     for provider in sorted({k[0] for k in keys}):
         ids = sorted(k[1] for k in keys if k[0] == provider)
-        for chunk in _chunks(ids):
+        for chunk in chunks(ids):
             found.update((provider, r[0]) for r in conn.execute(
                 select(id_column).where(provider_column == provider, id_column.in_(chunk))
             ))
@@ -454,31 +318,6 @@ def _event_key(event: WebhookEvent) -> str:
     """A digest of the event's identity, stored instead of ids that may embed an address."""
     text = f"{event.provider}\0{event.event_id}".encode("utf-8", "surrogatepass")
     return hashlib.sha256(text).hexdigest()
-
-
-def _header(event: WebhookEvent) -> str | None:
-    """The event's Message-ID as we store it (with angle brackets), or None."""
-    return f"<{event.message_id}>" if event.message_id else None
-
-
-def _tie_to_message(
-    message: Row[Any] | None, address: Address | None, invalid: bool, *, reason: str
-) -> Tie | Miss:
-    """Tie an event to ``message`` when it is mail we sent to the event's recipient."""
-    if message is None or message.status not in SENT_STATES:
-        return Miss(Result.UNMATCHED, reason, address.hash if address else None)
-    if message.to_hash is None:
-        # The recipient was erased since: there is nobody left to act on.
-        return Miss(Result.UNMATCHED, "recipient_erased", address.hash if address else None)
-    if invalid:
-        return Miss(Result.UNRECOGNISED, "invalid_recipient")
-    if address is None:
-        # A redacted complaint names nobody; our Message-ID names the person (SPEC 8).
-        return Tie(message.to_hash, None, message)
-    if address.hash != message.to_hash:
-        # Our real Message-ID quoted for a third person: the report is not about them.
-        return Miss(Result.UNMATCHED, "recipient_mismatch", address.hash)
-    return Tie(address.hash, address, message)
 
 
 def _report_row(event: WebhookEvent, result: Result, reason: str | None,

@@ -22,6 +22,7 @@ from email.message import Message
 from mailer.reports import addresses, arf, autoreply, dsn, fallback, original, plaintext
 from mailer.reports.message import header, headers, parse
 from mailer.reports.model import MAX_RECIPIENTS, Recipient, Report, ReportKind, unrecognised
+from mailer.reports.prose import DELAY_WORDS, FAILURE_WORDS, FINAL_WORDS, report_text
 from mailer.reports.status import classify
 
 #: Bytes of a message handed to the flufl.bounce fallback (its detectors scan everything).
@@ -44,7 +45,7 @@ def _read(raw: bytes) -> Report:
     if message is None:
         return unrecognised(source="unparseable")
     attached = original.attached(message)
-    section, quoted_text = plaintext.report_text(message)
+    section, quoted_text = report_text(message)
     quoted_headers = original.quoted(quoted_text) if attached is None else None
     source_headers = attached or quoted_headers
     message_id = original.message_id(attached, quoted_text, message)
@@ -120,7 +121,7 @@ def _read(raw: bytes) -> Report:
 
 def _reads_as_failure(section: str, subject: str) -> bool:
     """Tell whether a report's prose or subject speaks of a failure, not a receipt."""
-    return bool(plaintext.FAILURE_WORDS.search(section) or plaintext.FAILURE_WORDS.search(subject))
+    return bool(FAILURE_WORDS.search(section) or FAILURE_WORDS.search(subject))
 
 
 def _feedback_report(
@@ -177,9 +178,7 @@ def _x_failed_recipients(message: Message, excluded: set[str]) -> list[str]:
 def _from_prose(address: str, section: str, *, single: bool) -> Recipient:
     """Classify ``address`` from the prose about it (all of it for a lone recipient)."""
     block = plaintext.block_for(section, address)
-    delayed = bool(plaintext.DELAY_WORDS.search(section)) and not plaintext.FINAL_WORDS.search(
-        section
-    )
+    delayed = bool(DELAY_WORDS.search(section)) and not FINAL_WORDS.search(section)
     return _classified(address, block, section if single else "", delayed=delayed)
 
 

@@ -20,7 +20,6 @@ from sqlalchemy.exc import IntegrityError
 from mailer.errors import (
     Conflict,
     Forbidden,
-    HeaderInjection,
     InvalidAddress,
     RequestError,
     ValidationFailed,
@@ -29,11 +28,13 @@ from mailer.keys import ApiKey
 from mailer.mail.headers import check_header_value
 from mailer.mail.templates import Template
 from mailer.runtime import Runtime
+from mailer.sending.compliance import require_postal_address
 from mailer.store.facts import Target, load_states
 from mailer.store.outbox import insert_messages
 from mailer.store.schema import idempotency_keys, recipients, topics
+from mailer.store.status import MessageStatus
 from suppression.addresses import InvalidAddressError
-from suppression.policy import Category, Decision, Limits, Topic, decide
+from suppression.policy import Category, Decision, Limits, Reason, Topic, decide
 
 #: Which scope sends which category (SPEC 7).
 SCOPE_FOR = {
@@ -44,6 +45,7 @@ SCOPE_FOR = {
 }
 #: How long an idempotency key is remembered (SPEC 5).
 IDEMPOTENCY_TTL = timedelta(hours=24)
+#: Most messages in one batch request (SPEC 7).
 MAX_BATCH = 1000
 
 
@@ -68,6 +70,52 @@ class SendRequest:
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def error_body(exc: RequestError) -> dict[str, Any]:
+    """The SPEC's error object for ``exc``."""
+    return {"code": exc.code, "message": exc.message, "details": exc.details}
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A message written to the outbox: queued, scheduled, or suppressed with a reason."""
+
+    id: str
+    status: MessageStatus
+    category: Category
+    reason: Reason | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        """The SPEC 7 body of a 202: ``{"id", "status", "category"[, "reason"]}``."""
+        body: dict[str, Any] = {"id": self.id, "status": self.status.value,
+                                "category": self.category.value}
+        if self.reason is not None:
+            body["reason"] = self.reason.value
+        return body
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any]) -> Accepted:
+        """The result an idempotency key stored (its :meth:`as_json`)."""
+        reason = body.get("reason")
+        return cls(id=body["id"], status=MessageStatus(body["status"]),
+                   category=Category(body["category"]),
+                   reason=Reason(reason) if reason is not None else None)
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A request nothing was written for, and the 4xx error that says why."""
+
+    error: RequestError
+
+    def as_json(self) -> dict[str, Any]:
+        """The SPEC error body: ``{"error": {"code", "message", "details"}}``."""
+        return {"error": error_body(self.error)}
+
+
+#: What accepting one request gives back.
+AcceptResult = Accepted | Refused
+
+
 @dataclass
 class _Prepared:
     index: int
@@ -78,12 +126,6 @@ class _Prepared:
     email: str
     to_hash: str
     recipient_id: int | None = None
-    result: dict[str, Any] | None = None
-
-
-def error_body(exc: RequestError) -> dict[str, Any]:
-    """The SPEC's error object for ``exc``."""
-    return {"code": exc.code, "message": exc.message, "details": exc.details}
 
 
 class Acceptor:
@@ -105,12 +147,7 @@ class Acceptor:
             topic = topic or req.topic
             if not topic:
                 raise ValidationFailed("a promotion needs a topic", code="missing_topic")
-            if not self.rt.settings.postal_address:
-                # CAN-SPAM requires a valid physical postal address in commercial mail.
-                raise ValidationFailed(
-                    "promotions cannot be sent until MAILER_POSTAL_ADDRESS is configured",
-                    code="postal_address_missing",
-                )
+            require_postal_address(self.rt.settings.postal_address)
         try:
             address = self.rt.address(req.email)
         except InvalidAddressError as exc:
@@ -123,16 +160,17 @@ class Acceptor:
         check_header_value("subject", rendered.subject)
         return _Prepared(index, req, template, category, topic, address.email, address.hash)
 
-    def accept(self, key: ApiKey, requests: Sequence[SendRequest]) -> list[dict[str, Any]]:
-        """Accept each request; return per request a result or ``{"error": ..., "status"}``."""
-        outcomes: list[dict[str, Any] | None] = [None] * len(requests)
+    def accept(self, key: ApiKey, requests: Sequence[SendRequest]) -> list[AcceptResult]:
+        """Accept each request; return, in the same order, :class:`Accepted` or :class:`Refused`."""
+        refused: dict[int, AcceptResult] = {}
         prepared: list[_Prepared] = []
         for index, req in enumerate(requests):
             try:
                 prepared.append(self._prepare(key, index, req))
             except RequestError as exc:
-                outcomes[index] = {"error": error_body(exc), "status": exc.status}
+                refused[index] = Refused(exc)
         for attempt in range(3):
+            outcomes: dict[int, AcceptResult] = dict(refused)
             try:
                 queued = self._write(key, prepared, outcomes)
                 break
@@ -141,14 +179,12 @@ class Acceptor:
                 # finds and replays it.
                 if attempt == 2:
                     raise
-                for p in prepared:
-                    p.result = None
         if queued:
             self.rt.enqueuer.enqueue(queued)
-        return [o if o is not None else {} for o in outcomes]
+        return [outcomes[index] for index in range(len(requests))]
 
     def _write(
-        self, key: ApiKey, prepared: list[_Prepared], outcomes: list[dict[str, Any] | None]
+        self, key: ApiKey, prepared: list[_Prepared], outcomes: dict[int, AcceptResult]
     ) -> list[str]:
         now = self.rt.clock()
         with self.rt.engine.begin() as conn:
@@ -164,15 +200,15 @@ class Acceptor:
                 row_id, message_id = self.rt.new_message_id()
                 req = p.request
                 if not decision.allowed:
-                    status = "suppressed"
+                    status = MessageStatus.SUPPRESSED
                 elif req.send_at is not None and req.send_at > now:
-                    status = "scheduled"
+                    status = MessageStatus.SCHEDULED
                 else:
-                    status = "queued"
+                    status = MessageStatus.QUEUED
                     queued.append(row_id)
                 # An erased person's address is not written down again, not even on the
                 # row that records why we did not send to it.
-                erased = decision.reason is not None and decision.reason.value == "erased"
+                erased = decision.reason is Reason.ERASED
                 rows.append({
                     "id": row_id, "api_key_id": key.id, "category": p.category.value,
                     "template": p.template.name, "topic": p.topic,
@@ -185,17 +221,13 @@ class Acceptor:
                     "attempts": 0, "message_id_header": message_id, "created_at": now,
                     "updated_at": now, "send_at": req.send_at,
                 })
-                result: dict[str, Any] = {
-                    "id": row_id, "status": status, "category": p.category.value,
-                }
-                if decision.reason is not None:
-                    result["reason"] = decision.reason.value
+                result = Accepted(row_id, status, p.category, decision.reason)
                 outcomes[p.index] = result
                 if req.idempotency_key:
                     idem_rows.append({
                         "api_key_id": key.id, "key": req.idempotency_key,
                         "request_hash": req.fingerprint(), "status_code": 202,
-                        "response": result, "created_at": now,
+                        "response": result.as_json(), "created_at": now,
                     })
             insert_messages(conn, rows, now)
             if idem_rows:
@@ -207,7 +239,7 @@ class Acceptor:
         conn: Connection,
         key: ApiKey,
         prepared: list[_Prepared],
-        outcomes: list[dict[str, Any] | None],
+        outcomes: dict[int, AcceptResult],
         now: datetime,
     ) -> list[_Prepared]:
         """Answer repeated keys from the store; return the requests still to be written."""
@@ -237,13 +269,12 @@ class Acceptor:
             if name and (name in stored or name in seen):
                 row = stored.get(name)
                 if row is not None and row.request_hash == p.request.fingerprint():
-                    outcomes[p.index] = dict(row.response)
+                    outcomes[p.index] = Accepted.from_json(row.response)
                 else:
-                    exc = Conflict(
+                    outcomes[p.index] = Refused(Conflict(
                         "this idempotency key was used with a different request",
                         code="idempotency_conflict",
-                    )
-                    outcomes[p.index] = {"error": error_body(exc), "status": exc.status}
+                    ))
                 continue
             if name:
                 seen.add(name)
@@ -251,7 +282,7 @@ class Acceptor:
         return fresh
 
     def _resolve_recipients(
-        self, conn: Connection, prepared: list[_Prepared], outcomes: list[dict[str, Any] | None]
+        self, conn: Connection, prepared: list[_Prepared], outcomes: dict[int, AcceptResult]
     ) -> list[_Prepared]:
         """Link each message to a profile: by external id, else by address.
 
@@ -285,19 +316,18 @@ class Acceptor:
             elif ext in by_ext:
                 p.recipient_id, profile_hash = by_ext[ext]
                 if profile_hash != p.to_hash:
-                    exc = Conflict(
+                    outcomes[p.index] = Refused(Conflict(
                         "the address is not the one on this recipient's profile; update the "
                         "profile first (PUT /v1/recipients/{external_id})",
                         {"external_id": ext}, code="recipient_mismatch",
-                    )
-                    outcomes[p.index] = {"error": error_body(exc), "status": exc.status}
+                    ))
                     continue
             resolved.append(p)
         return resolved
 
     @staticmethod
     def _topics(
-        conn: Connection, prepared: list[_Prepared], outcomes: list[dict[str, Any] | None]
+        conn: Connection, prepared: list[_Prepared], outcomes: dict[int, AcceptResult]
     ) -> dict[str, bool]:
         """Topic name -> third_party for the topics named; unknown ones become 422s."""
         names = sorted({p.topic for p in prepared if p.topic})
@@ -311,8 +341,8 @@ class Acceptor:
         }
         for p in prepared:
             if p.topic and p.topic not in known:
-                exc = ValidationFailed(f"unknown topic {p.topic!r}", code="unknown_topic")
-                outcomes[p.index] = {"error": error_body(exc), "status": exc.status}
+                outcomes[p.index] = Refused(
+                    ValidationFailed(f"unknown topic {p.topic!r}", code="unknown_topic"))
         return known
 
     def _decide(
@@ -350,4 +380,4 @@ class Acceptor:
         return decisions
 
 
-__all__ = ["Acceptor", "HeaderInjection", "SendRequest", "error_body"]
+__all__ = ["AcceptResult", "Accepted", "Acceptor", "Refused", "SendRequest", "error_body"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
@@ -18,16 +18,24 @@ from sqlalchemy import Row, select
 
 from mailer.campaigns.lifecycle import send_context
 from mailer.errors import MailerError
+from mailer.inbound.addresses import InboundAddresses
 from mailer.mail.mime import Envelope, MessageBuilder
-from mailer.mail.stored import install as install_stored_templates
 from mailer.mail.templates import Rendered
 from mailer.runtime import Runtime
-from mailer.smtp.transport import Outcome as SmtpOutcome
-from mailer.smtp.transport import SendResult
+from mailer.sending.compliance import (
+    POSTAL_ADDRESS_MISSING,
+    PromotionLinks,
+    add_footer,
+    has_postal_address,
+    list_headers,
+)
+from mailer.smtp.replies import Outcome as SmtpOutcome
+from mailer.smtp.replies import SendResult
 from mailer.store.facts import Target, load_states
 from mailer.store.outbox import Outcome, claim, finish
 from mailer.store.recipients import add_suppression
 from mailer.store.schema import topics
+from mailer.store.status import MessageStatus
 from suppression.policy import Category, Limits, Topic, decide
 
 log = logging.getLogger(__name__)
@@ -85,8 +93,13 @@ class Dispatcher:
         self.builder = builder
         self.retry_base = retry_base
         self.slice_size = slice_size
-        # Campaigns may name templates stored through the API (issue 5).
-        install_stored_templates(runtime)
+        settings = runtime.settings
+        # VERP (SPEC 6): with an inbound domain, each message's envelope sender names it.
+        self.inbound = (
+            InboundAddresses.from_keys(settings.inbound_domain, settings.secret_key,
+                                       settings.old_secret_keys)
+            if settings.inbound_domain else None
+        )
 
     def run(self, ids: Sequence[str]) -> Report:
         """Claim, decide, send and record the given messages."""
@@ -107,7 +120,7 @@ class Dispatcher:
                     )
                 )
             }
-            # Campaign messages: the campaign's state and shared variables (issue 5).
+            # Campaign messages: the campaign's state and shared variables (SPEC 9).
             campaign = send_context(conn, sorted({r.campaign_id for r in rows if r.campaign_id}))
             shared = {key: context.data for key, context in campaign.items()}
             targets = [
@@ -131,26 +144,26 @@ class Dispatcher:
                 if row.attempts > settings.max_attempts:
                     # Our own counter: a SIGKILLed worker skips dramatiq's retry counting,
                     # so a message that kills its worker would otherwise loop forever.
-                    early.append(Outcome(row.id, "failed", reason="too_many_attempts"))
+                    early.append(Outcome(row.id, MessageStatus.FAILED, reason="too_many_attempts"))
                     continue
                 info = topic_info.get(row.topic) if row.topic else None
                 topic = Topic(row.topic, bool(info.third_party)) if info is not None else None
                 promo = target.category is Category.PROMOTION
                 if promo and (topic is None or row.recipient_id is None):
-                    early.append(Outcome(row.id, "suppressed", reason="no_consent"))
+                    early.append(Outcome(row.id, MessageStatus.SUPPRESSED, reason="no_consent"))
                     continue
-                if promo and not settings.postal_address:
-                    # CAN-SPAM: no commercial mail without the sender's postal address.
-                    early.append(Outcome(row.id, "failed", reason="postal_address_missing"))
+                if promo and not has_postal_address(settings.postal_address):
+                    early.append(Outcome(row.id, MessageStatus.FAILED,
+                                         reason=POSTAL_ADDRESS_MISSING))
                     continue
                 decision = decide(target.category, topic, states[row.id], now, limits)
                 if not decision.allowed:
                     reason = decision.reason.value if decision.reason else None
-                    early.append(Outcome(row.id, "suppressed", reason=reason))
+                    early.append(Outcome(row.id, MessageStatus.SUPPRESSED, reason=reason))
                     continue
                 to_send.append(row)
             finish(conn, early, now)
-        report.suppressed = sum(1 for o in early if o.status == "suppressed")
+        report.suppressed = sum(1 for o in early if o.status == MessageStatus.SUPPRESSED)
         for o in early:
             report.outcomes[o.status] = report.outcomes.get(o.status, 0) + 1
         # Record after every slice, not once per chunk: a worker killed between a 250 and
@@ -175,7 +188,8 @@ class Dispatcher:
             except MailerError as exc:
                 # The template changed since acceptance and no longer renders: permanent.
                 failed_render.append(
-                    Outcome(row.id, "failed", reason="render_error", smtp_response=str(exc)[:500])
+                    Outcome(row.id, MessageStatus.FAILED, reason="render_error",
+                            smtp_response=str(exc)[:500])
                 )
         results = self.transport.send_many(envelopes) if envelopes else []
 
@@ -191,7 +205,7 @@ class Dispatcher:
                     add_suppression(
                         conn, None, row.to_hash, "all", "hard_bounce", f"smtp:{row.id}", done
                     )
-        retry = [o for o in outcomes if o.status == "deferred"]
+        retry = [o for o in outcomes if o.status == MessageStatus.DEFERRED]
         for o in retry:
             assert o.next_attempt_at is not None
             delay = max(int((o.next_attempt_at - done).total_seconds() * 1000), 0)
@@ -202,19 +216,27 @@ class Dispatcher:
     def _outcome(self, row: Row[Any], result: SendResult, now: datetime) -> Outcome:
         code, text = result.code, result.response[:500]
         if result.outcome is SmtpOutcome.SENT:
-            return Outcome(row.id, "sent", smtp_code=code, smtp_response=text)
+            return Outcome(row.id, MessageStatus.SENT, smtp_code=code, smtp_response=text)
         if result.outcome is SmtpOutcome.UNKNOWN:
             # The server may hold it already (RFC 5321 6.1): resending risks a duplicate,
             # so we say what we know and let a person or a bounce webhook settle it.
-            return Outcome(row.id, "unknown", smtp_code=code, smtp_response=text)
+            return Outcome(row.id, MessageStatus.UNKNOWN, smtp_code=code, smtp_response=text)
         if result.outcome is SmtpOutcome.FAILED:
-            return Outcome(row.id, "failed", reason="smtp_rejected", smtp_code=code,
+            return Outcome(row.id, MessageStatus.FAILED, reason="smtp_rejected", smtp_code=code,
                            smtp_response=text)
-        retry_at = now + backoff(row.attempts, self.retry_base)
+        # SPEC 5: a relay that refuses *us* is retried, never failed for the recipient;
+        # a throttled or held-back domain waits as a group for the time the pace names.
+        reason = "relay_error" if result.relay_error else None
+        if result.retry_after is not None:
+            reason = reason or "throttled"
+            retry_at = now + timedelta(seconds=result.retry_after * random.uniform(1.0, 1.2))
+        else:
+            retry_at = now + backoff(row.attempts, self.retry_base)
         if retry_at - row.created_at > MAX_AGE[Category(row.category)]:
-            return Outcome(row.id, "failed", reason="expired", smtp_code=code, smtp_response=text)
-        return Outcome(row.id, "deferred", smtp_code=code, smtp_response=text,
-                       next_attempt_at=retry_at)
+            return Outcome(row.id, MessageStatus.FAILED, reason="expired", smtp_code=code,
+                           smtp_response=text)
+        return Outcome(row.id, MessageStatus.DEFERRED, reason=reason, smtp_code=code,
+                       smtp_response=text, next_attempt_at=retry_at)
 
     def _build(self, row: Row[Any], topic_info: dict[str, Any], now: datetime,
                shared: Mapping[str, Mapping[str, Any]]) -> Envelope:
@@ -227,7 +249,7 @@ class Dispatcher:
         extra: list[tuple[str, str]] = []
         if row.category == Category.PROMOTION.value:
             rendered, extra = self._promotion_parts(row, rendered, topic_info[row.topic])
-        return self.builder.build(
+        envelope = self.builder.build(
             to_email=row.to_email,
             to_name=row.to_name,
             subject=rendered.subject,
@@ -237,6 +259,16 @@ class Dispatcher:
             date=now,
             extra_headers=extra,
         )
+        return replace(envelope, sender=self._envelope_sender(row.id, envelope.sender))
+
+    def _envelope_sender(self, row_id: str, from_address: str) -> str:
+        """MAIL FROM (SPEC 6): ``bounces+TOKEN@`` the inbound domain, else
+        ``MAILER_RETURN_PATH``, else the From address."""
+        if self.inbound is not None:
+            verp = self.inbound.bounce_address(row_id)
+            if verp is not None:
+                return verp
+        return self.rt.settings.return_path or from_address
 
     def _promotion_parts(
         self, row: Row[Any], rendered: Rendered, topic: Row[Any]
@@ -249,19 +281,14 @@ class Dispatcher:
         unsubscribe = self.rt.url(f"/u/{signer.sign('u', row.recipient_id, row.topic, mailed)}")
         preferences = self.rt.url(
             f"/preferences/{signer.sign('p', row.recipient_id, email_hash=mailed)}")
-        rendered = self.rt.catalogue.footer.apply(
-            rendered,
-            {
-                "topic_title": topic.title,
-                "unsubscribe_url": unsubscribe,
-                "preferences_url": preferences,
-                "postal_address": self.rt.settings.postal_address or "",
-            },
+        # RFC 2369 mailto:, answered by the inbound listener (SPEC 6, 12); the token names
+        # the profile and the topic, as the /u/ link does.
+        mailto = (
+            f"mailto:{self.inbound.unsubscribe_address(row.recipient_id, row.topic)}"
+            "?subject=unsubscribe" if self.inbound is not None else None
         )
-        headers = [
-            # One https URI only: a mailto: is advertised only when a listener honours it.
-            ("List-Unsubscribe", f"<{unsubscribe}>"),
-            ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
-            ("List-Id", f"<{row.topic}.{self.rt.mail_domain}>"),
-        ]
-        return rendered, headers
+        links = PromotionLinks(unsubscribe=unsubscribe, preferences=preferences,
+                               unsubscribe_mailto=mailto)
+        rendered = add_footer(self.rt.catalogue.footer, rendered, topic_title=topic.title,
+                              links=links, postal_address=self.rt.settings.postal_address or "")
+        return rendered, list_headers(row.topic, self.rt.mail_domain, links)

@@ -1,4 +1,10 @@
-"""Gather what the policy needs to know about many recipients with a few queries."""
+"""Gather what the policy needs to know about many recipients with a few queries.
+
+Consent belongs to an address (SPEC 3): a message carries the hash of the address it was
+accepted for, and the consents of its linked profile count only while that is still the
+profile's address. Once the profile's email changed, the old address has no consent of
+its own, so a promotion still queued or scheduled for it is decided as ``no_consent``.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +16,9 @@ from datetime import datetime, timedelta
 from sqlalchemy import Connection, select
 
 from mailer.store.schema import consent_events, messages, recipients, suppressions
+from mailer.store.status import COUNTED
 from suppression.consent import THIRD_PARTY_SHARING, ConsentEvent
 from suppression.policy import Category, RecipientState, Suppression
-
-#: Message statuses that count as "sent or on its way" for the one-time and cap rules;
-#: a message that ended suppressed, failed, bounced or cancelled does not count (SPEC 2).
-COUNTED_STATUSES = ("queued", "scheduled", "sending", "sent", "deferred", "unknown", "complained")
 
 #: The system's double opt-in mail is not counted by the one-time rule (SPEC 3).
 NOT_COUNTED_TEMPLATES = ("consent_confirmation",)
@@ -69,11 +72,15 @@ def load_states(
             )
 
     active: dict[int, bool] = {}
+    profile_hash: dict[int, str] = {}
     for chunk in _chunks(recipient_ids):
         rows = conn.execute(
-            select(recipients.c.id, recipients.c.account_active).where(recipients.c.id.in_(chunk))
+            select(recipients.c.id, recipients.c.account_active, recipients.c.email_hash)
+            .where(recipients.c.id.in_(chunk))
         )
-        active.update({row.id: bool(row.account_active) for row in rows})
+        for row in rows:
+            active[row.id] = bool(row.account_active)
+            profile_hash[row.id] = row.email_hash
 
     consents: dict[int, list[ConsentEvent]] = defaultdict(list)
     topics = {t.topic for t in targets if t.category is Category.PROMOTION and t.topic}
@@ -104,11 +111,14 @@ def load_states(
     states: dict[str, RecipientState] = {}
     for target in targets:
         rid = target.recipient_id
+        # The profile's consents speak for the address on the profile only (SPEC 3).
+        speaks_for_address = rid is not None and profile_hash.get(rid) == target.to_hash
         states[target.key] = RecipientState(
             address_valid=True,
             account_active=active.get(rid, False) if rid is not None else False,
             suppressions=tuple(supp.get(target.to_hash, ())),
-            consents=tuple(consents.get(rid, ())) if rid is not None else (),
+            consents=tuple(consents.get(rid, ())) if rid is not None and speaks_for_address
+            else (),
             prior_sends=history.get(target.key, ()),
         )
     return states
@@ -137,7 +147,7 @@ def _prior_sends(
             query = select(messages.c.to_hash, messages.c.created_at, messages.c.id).where(
                 messages.c.to_hash.in_(chunk),
                 messages.c.category == category.value,
-                messages.c.status.concat("").in_(COUNTED_STATUSES),
+                messages.c.status.concat("").in_(sorted(COUNTED)),
                 messages.c.template.concat("").not_in(NOT_COUNTED_TEMPLATES),
             )
             if since is not None:

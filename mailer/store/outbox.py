@@ -15,16 +15,7 @@ from typing import Any
 from sqlalchemy import Connection, Row, and_, bindparam, insert, or_, select, update
 
 from mailer.store.schema import message_events, messages
-
-#: Every state a message can be in.
-STATUSES = (
-    "queued", "scheduled", "sending", "sent", "suppressed", "deferred", "failed", "unknown",
-    "bounced", "complained", "cancelled",
-    # a paused campaign's message, waiting for resume
-    "held",
-)
-#: States a message never leaves on its own.
-FINAL = frozenset({"sent", "suppressed", "failed", "unknown", "bounced", "complained", "cancelled"})
+from mailer.store.status import MessageStatus
 
 _CLAIM_COLUMNS = (
     messages.c.id, messages.c.category, messages.c.template, messages.c.topic,
@@ -39,7 +30,7 @@ class Outcome:
     """The new state of one claimed message after an attempt."""
 
     id: str
-    status: str
+    status: MessageStatus
     reason: str | None = None
     smtp_code: int | None = None
     smtp_response: str | None = None
@@ -80,15 +71,15 @@ def claim(
     # every queued row of the backlog on each claim; "|| ''" keeps it to the primary key.
     status = messages.c.status.concat("")
     claimable = or_(
-        status == "queued",
-        and_(status == "deferred", messages.c.next_attempt_at <= now),
-        and_(status == "sending", messages.c.lease_until < now),
+        status == MessageStatus.QUEUED,
+        and_(status == MessageStatus.DEFERRED, messages.c.next_attempt_at <= now),
+        and_(status == MessageStatus.SENDING, messages.c.lease_until < now),
     )
     statement = (
         update(messages)
         .where(messages.c.id.in_(list(ids)), claimable)
         .values(
-            status="sending",
+            status=MessageStatus.SENDING,
             attempts=messages.c.attempts + 1,
             lease_until=now + lease,
             updated_at=now,
@@ -108,7 +99,7 @@ def finish(conn: Connection, outcomes: Iterable[Outcome], now: datetime) -> int:
             "b_code": o.smtp_code,
             "b_response": o.smtp_response,
             "b_next": o.next_attempt_at,
-            "b_sent": now if o.status == "sent" else None,
+            "b_sent": now if o.status == MessageStatus.SENT else None,
             "b_now": now,
         }
         for o in outcomes
@@ -117,7 +108,8 @@ def finish(conn: Connection, outcomes: Iterable[Outcome], now: datetime) -> int:
         return 0
     statement = (
         update(messages)
-        .where(messages.c.id == bindparam("b_id"), messages.c.status == "sending")
+        .where(messages.c.id == bindparam("b_id"),
+               messages.c.status == MessageStatus.SENDING)
         .values(
             status=bindparam("b_status"),
             reason=bindparam("b_reason"),
@@ -154,13 +146,14 @@ def add_events(
 
 
 def transition(
-    conn: Connection, message_id: str, expected: Sequence[str], status: str, now: datetime,
+    conn: Connection, message_id: str, expected: Iterable[MessageStatus], status: MessageStatus,
+    now: datetime,
     *, reason: str | None = None, event: str | None = None,
 ) -> bool:
     """Compare-and-set one message from any of ``expected`` to ``status``."""
     result = conn.execute(
         update(messages)
-        .where(messages.c.id == message_id, messages.c.status.in_(list(expected)))
+        .where(messages.c.id == message_id, messages.c.status.in_(sorted(expected)))
         .values(status=status, reason=reason, updated_at=now)
     )
     changed = bool(result.rowcount)
@@ -183,26 +176,31 @@ def due_for_sweep(
         r.id
         for r in conn.execute(
             select(messages.c.id)
-            .where(messages.c.status == "scheduled", messages.c.send_at <= now)
+            .where(messages.c.status == MessageStatus.SCHEDULED, messages.c.send_at <= now)
             .limit(limit)
         )
     ]
     if due_scheduled:
         conn.execute(
             update(messages)
-            .where(messages.c.id.in_(due_scheduled), messages.c.status == "scheduled")
-            .values(status="queued", updated_at=now)
+            .where(messages.c.id.in_(due_scheduled),
+                   messages.c.status == MessageStatus.SCHEDULED)
+            .values(status=MessageStatus.QUEUED, updated_at=now)
         )
-        add_events(conn, [(mid, "queued", "send_at reached") for mid in due_scheduled], now)
+        add_events(conn, [(mid, MessageStatus.QUEUED, "send_at reached")
+                          for mid in due_scheduled], now)
     stuck = [
         r.id
         for r in conn.execute(
             select(messages.c.id)
             .where(
                 or_(
-                    and_(messages.c.status == "queued", messages.c.updated_at < stale),
-                    and_(messages.c.status == "sending", messages.c.lease_until < now),
-                    and_(messages.c.status == "deferred", messages.c.next_attempt_at < stale),
+                    and_(messages.c.status == MessageStatus.QUEUED,
+                         messages.c.updated_at < stale),
+                    and_(messages.c.status == MessageStatus.SENDING,
+                         messages.c.lease_until < now),
+                    and_(messages.c.status == MessageStatus.DEFERRED,
+                         messages.c.next_attempt_at < stale),
                 )
             )
             .limit(limit)
@@ -212,7 +210,7 @@ def due_for_sweep(
         # Touch queued rows so the next sweep does not enqueue them again at once.
         conn.execute(
             update(messages)
-            .where(messages.c.id.in_(stuck), messages.c.status == "queued")
+            .where(messages.c.id.in_(stuck), messages.c.status == MessageStatus.QUEUED)
             .values(updated_at=now)
         )
     return due_scheduled + stuck

@@ -37,6 +37,11 @@ def get_recipient(conn: Connection, external_id: str) -> Row[Any]:
     return row
 
 
+def recipient_by_id(conn: Connection, recipient_id: int) -> Row[Any] | None:
+    """The profile row a signed link names, or None once it has been erased."""
+    return conn.execute(select(recipients).where(recipients.c.id == recipient_id)).first()
+
+
 def find_by_hash(conn: Connection, email_hash: str) -> Row[Any] | None:
     """The most recently updated profile with this address, if any."""
     return conn.execute(
@@ -106,6 +111,23 @@ def consent_history(conn: Connection, recipient_id: int, topic: str) -> list[Con
     return [ConsentEvent(r.topic, bool(r.granted), r.occurred_at, r.source) for r in rows]
 
 
+def refuse_silent_resubscription(
+    conn: Connection, recipient_id: int, topic: str, source: str, *, has_evidence: bool
+) -> None:
+    """409 ``consent_conflict`` when this grant would undo the person's own revoke.
+
+    SPEC 3, "No silent re-subscription": once someone has said no, only their own action
+    (a signup form with evidence, the preference centre, double opt-in) says yes again.
+    """
+    history = consent_history(conn, recipient_id, topic)
+    if grant_conflicts(history, topic, source, has_evidence=has_evidence):
+        raise Conflict(
+            "this person revoked consent for the topic; only their own action can "
+            "grant it again",
+            code="consent_conflict",
+        )
+
+
 def record_consent(
     conn: Connection,
     recipient: Row[Any],
@@ -126,13 +148,8 @@ def record_consent(
     if topic != THIRD_PARTY_SHARING:
         topic_row(conn, topic)
     if granted:
-        history = consent_history(conn, recipient.id, topic)
-        if grant_conflicts(history, topic, source, has_evidence=bool(evidence)):
-            raise Conflict(
-                "this person revoked consent for the topic; only their own action can "
-                "grant it again",
-                code="consent_conflict",
-            )
+        refuse_silent_resubscription(conn, recipient.id, topic, source,
+                                     has_evidence=bool(evidence))
     result = conn.execute(
         insert(consent_events).values(
             recipient_id=recipient.id,

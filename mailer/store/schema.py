@@ -184,7 +184,7 @@ idempotency_keys = Table(
     UniqueConstraint("api_key_id", "key", name="uq_idempotency_keys_key"),
 )
 
-# --- webhooks (issue 4) -------------------------------------------------------------------
+# --- webhooks (SPEC 8) --------------------------------------------------------------------
 
 # One row per provider event applied: the unique key makes a redelivered event a no-op.
 webhook_events = Table(
@@ -253,7 +253,24 @@ bounce_reports = Table(
     Index("ix_bounce_reports_source_event", "source", "event_key"),
 )
 
-# --- the recipient's side (issue 3) ------------------------------------------------------
+# What the reader could not read (SPEC 4): the MIME structure and an excerpt of the top-level
+# header fields, never a body, with the local part of every address masked, so that an
+# operator sees the blind spot (``mailer bounces unrecognised``). Bounded per row and per
+# day, and pruned after a fortnight (mailer.reports.intake).
+unrecognised_reports = Table(
+    "unrecognised_reports",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("source", String(20), nullable=False),
+    Column("reader", String(40), nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("structure", String(500), nullable=False),
+    Column("headers", Text, nullable=False),
+    Column("received_at", UtcDateTime, nullable=False),
+    Index("ix_unrecognised_reports_received_at", "received_at"),
+)
+
+# --- the recipient's side (SPEC 3) -------------------------------------------------------
 
 # Double opt-in (SPEC 3): a self-service grant for a topic marked ``double_opt_in`` waits
 # here until the recipient confirms from the link mailed to them; only then does the
@@ -275,7 +292,7 @@ consent_requests = Table(
     Index("ix_consent_requests_recipient_topic", "recipient_id", "topic"),
 )
 
-# --- campaigns (issue 5) -----------------------------------------------------------------
+# --- campaigns (SPEC 9) ------------------------------------------------------------------
 
 # One row per campaign. The row is also the fan-out's checkpoint: ``last_recipient_id`` is
 # the keyset cursor, advanced by compare-and-set in the same transaction that writes a

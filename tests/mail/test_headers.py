@@ -25,7 +25,8 @@ def b_word(raw: bytes) -> str:
     return "=?utf-8?b?" + base64.b64encode(raw).decode() + "?="
 
 
-#: reliability.md item 25, plus the variants parsers disagree on.
+#: Header injection (SPEC 6: a control character, raw or RFC 2047-encoded, is a 422), plus
+#: the variants parsers disagree on.
 INJECTIONS = {
     "cr": "Hi\rBcc: victim@example.net",
     "lf": "Hi\nBcc: victim@example.net",

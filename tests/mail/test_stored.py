@@ -191,7 +191,8 @@ def test_listing_shows_file_and_stored_templates(client: Any, keys: dict[str, st
     ("{{ x|upper|upper|upper|upper }}" * 1100, "syntax nodes"),
 ])
 def test_static_bounds_refuse_before_jinja_compiles(html: str, problem: str) -> None:
-    from mailer.mail.stored import StoredTemplate, UnsafeTemplate
+    from mailer.mail.checks import UnsafeTemplate
+    from mailer.mail.stored import StoredTemplate
 
     # When a template beyond a static bound is checked
     started = time.perf_counter()

@@ -241,7 +241,7 @@ def test_double_opt_in_waits_for_the_link_in_the_confirmation_mail(
 def test_confirmation_mails_are_limited_per_address_per_day(
     client: Any, keys: dict[str, str], runtime: Any
 ) -> None:
-    from mailer.preferences.optin import DEFAULT_CONFIRMATION_LIMIT
+    from mailer.preferences.double_opt_in import DEFAULT_CONFIRMATION_LIMIT
     from mailer.store.schema import messages
 
     # Given a double opt-in topic and someone typing the same address into a form again and again

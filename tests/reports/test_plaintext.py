@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from mailer.reports import ReportKind, read_report
-from mailer.reports.plaintext import divider, read
+from mailer.reports.plaintext import read
+from mailer.reports.prose import divider
 
 SENDER = "bounces+t2@mail.shop.example"
 

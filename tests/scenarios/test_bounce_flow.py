@@ -13,7 +13,7 @@ pytestmark = pytest.mark.usefixtures("worker")
 
 
 def dsn_report(recipient: str, message_id: str, status: str = "5.1.1",
-               action: str = "failed") -> bytes:
+               action: str = "failed", diagnostic: str = "user unknown") -> bytes:
     """A multipart/report delivery-status message as a receiving MTA writes it (RFC 3464)."""
     return (
         "From: Mail Delivery System <MAILER-DAEMON@mx.example.net>\r\n"
@@ -27,7 +27,7 @@ def dsn_report(recipient: str, message_id: str, status: str = "5.1.1",
         "--B\r\nContent-Type: message/delivery-status\r\n\r\n"
         "Reporting-MTA: dns; mx.example.net\r\n\r\n"
         f"Final-Recipient: rfc822; {recipient}\r\nAction: {action}\r\nStatus: {status}\r\n"
-        f"Diagnostic-Code: smtp; 550 {status} user unknown\r\n\r\n"
+        f"Diagnostic-Code: smtp; 550 {status} {diagnostic}\r\n\r\n"
         "--B\r\nContent-Type: text/rfc822-headers\r\n\r\n"
         f"From: Example <no-reply@example.test>\r\nTo: {recipient}\r\n"
         f"Subject: Spring news\r\nMessage-ID: {message_id}\r\n\r\n"
@@ -92,8 +92,10 @@ def test_policy_rejection_suppresses_nobody(client: Any, keys: dict[str, str]) -
                                                                address)},
                 data={"name": "A", "title": "T", "body": "B"})
     final = wait_final(client, keys["transactional"], sent.json()["id"])
-    # When the report says 5.7.1 (our sending policy, not their mailbox)
-    r = post_dsn(client, dsn_report(address, final["message_id"], status="5.7.1"))
+    # When the report says 5.7.1 (our sending policy, not their mailbox; a 5.7.1 whose
+    # text says "user unknown" would be a hard bounce, SPEC 4)
+    r = post_dsn(client, dsn_report(address, final["message_id"], status="5.7.1",
+                                    diagnostic="Message rejected by policy"))
     assert r.status_code == 200
     # Then a later alert still goes
     again = send(client, keys["transactional"], template="service_alert",

@@ -487,7 +487,7 @@ def test_restarted_and_second_scheduler_send_nobody_twice(stack: Stack) -> None:
 def test_a_campaign_starts_once_however_many_schedulers_tick(local: Stack) -> None:
     from sqlalchemy import select
 
-    from mailer.campaigns.fanout import TickReport, tick
+    from mailer.campaigns.tick import TickReport, tick
     from mailer.config import Settings
     from mailer.runtime import Runtime
     from mailer.sending.queue import ListEnqueuer
@@ -538,7 +538,7 @@ def fanned_out(rt: Any, campaign_id: str) -> bool:
 
 
 def test_late_campaign_waits_for_an_explicit_resume(local: Stack) -> None:
-    from mailer.campaigns.fanout import tick
+    from mailer.campaigns.tick import tick
 
     cohort = f"l{uuid.uuid4().hex[:8]}"
     add_people(local.rt, 10, cohort)
@@ -560,7 +560,8 @@ def test_late_campaign_waits_for_an_explicit_resume(local: Stack) -> None:
 
 
 def test_rate_per_minute_paces_the_batches(local: Stack) -> None:
-    from mailer.campaigns.fanout import fan_out_batch, start_due
+    from mailer.campaigns.fanout import fan_out_batch
+    from mailer.campaigns.tick import start_due
 
     cohort = f"q{uuid.uuid4().hex[:8]}"
     add_people(local.rt, 5, cohort)
@@ -580,7 +581,7 @@ def test_rate_per_minute_paces_the_batches(local: Stack) -> None:
 
 
 def test_pause_holds_queued_mail_and_resume_releases_it(local: Stack) -> None:
-    from mailer.campaigns.fanout import tick
+    from mailer.campaigns.tick import tick
     from mailer.store.outbox import claim
 
     cohort = f"h{uuid.uuid4().hex[:8]}"
@@ -607,7 +608,7 @@ def test_pause_holds_queued_mail_and_resume_releases_it(local: Stack) -> None:
 def test_audience_filter_is_typed_equality(local: Stack) -> None:
     from sqlalchemy import insert
 
-    from mailer.campaigns.fanout import AudienceFilter, audience_count
+    from mailer.campaigns.audience import AudienceFilter, audience_count
     from mailer.store.schema import recipients
 
     cohort = f"f{uuid.uuid4().hex[:8]}"

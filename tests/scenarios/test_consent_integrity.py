@@ -504,3 +504,48 @@ def test_a_binding_survives_key_rotation() -> None:
     # And once the old key is dropped, the token is not accepted at all
     with pytest.raises(BadToken):
         TokenSigner("the-new-signing-key-0123456789").verify(token, "u")
+
+
+# --- consent follows the profile's address --------------------------------------------------
+
+
+@pytest.mark.db
+@pytest.mark.usefixtures("worker")
+def test_a_promotion_waiting_for_its_time_is_not_sent_to_an_address_the_profile_left(
+    client: Any, keys: dict[str, str], runtime: Any, smtp_server: Any
+) -> None:
+    import time
+    from datetime import timedelta
+
+    from mailer.sending.sweeper import sweep
+    from mailer.times import iso
+
+    # Given Ada, who opted in to the newsletter at her old address
+    old, new = unique_email("moved-old"), unique_email("moved-new")
+    external_id = register(client, keys, old)
+    assert consent(client, keys, external_id, "newsletter").status_code == 201
+    # And a promotion accepted for that address, scheduled two seconds ahead
+    send_at = runtime.clock() + timedelta(seconds=2)
+    r = client.post("/v1/messages", headers=auth(keys["marketing"]), json={
+        "template": "newsletter", "data": PROMO_DATA, "send_at": iso(send_at),
+        "to": {"email": old, "external_id": external_id}})
+    assert r.status_code == 202, r.text
+    accepted = r.json()
+    assert accepted["status"] == "scheduled", accepted
+    # When the service moves her profile to a new address before it is due
+    move(client, keys, external_id, new)
+    # And its time comes and the sweeper hands it to the worker
+    time.sleep(max((send_at - runtime.clock()).total_seconds(), 0) + 0.1)
+    assert sweep(runtime).enqueued >= 1
+    # Then the worker suppresses it for want of consent: her consent speaks for her
+    # current address only (SPEC 3), and the old one has none of its own
+    final = wait_final(client, keys["marketing"], accepted["id"])
+    assert (final["status"], final["reason"]) == ("suppressed", "no_consent"), final
+    # And nothing reached the sink, under that Message-ID or for either address
+    assert delivered(smtp_server, final["message_id"]) == []
+    assert received_by(smtp_server, old) == []
+    # And her consent still holds where she now is: a new promotion reaches the new address
+    mail = deliver(client, keys, smtp_server, "newsletter",
+                   {"email": new, "external_id": external_id}, PROMO_DATA)
+    assert mail["To"].addresses[0].addr_spec == new
+    assert received_by(smtp_server, old) == []

@@ -1,4 +1,4 @@
-"""Logs never carry addresses, tokens, keys or bodies (reliability test plan item 28)."""
+"""Logs never carry addresses, tokens, keys or bodies (logs hold no personal data)."""
 
 from __future__ import annotations
 

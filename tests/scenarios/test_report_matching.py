@@ -40,9 +40,10 @@ KINDS = ["bounce", "complaint"]
 POSTMARK = ("postmark-hook", "postmark-secret-password")
 MAILGUN_KEY = "mailgun-signing-key-0123456789"
 TOPIC = "arn:aws:sns:us-east-1:123456789012:ses-events"
-#: Tables an unmatched report must leave alone: all but its own record and the Mailgun
-#: replay store, which remembers every authentic request's one-time token by design.
-SKIPPED_TABLES = ("bounce_reports", "seen_tokens")
+#: Tables an unmatched report must leave alone: all but its own records (and the excerpt
+#: kept of an unreadable one) and the Mailgun replay store, which remembers every authentic
+#: request's one-time token by design.
+SKIPPED_TABLES = ("bounce_reports", "seen_tokens", "unrecognised_reports")
 
 
 @dataclass(frozen=True)

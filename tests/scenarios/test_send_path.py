@@ -164,7 +164,7 @@ def test_promotion_follows_consent_and_send_time_check_wins(
 
     # Given a third promotion accepted while consent holds but not yet handed to a worker
     from mailer.keys import authenticate
-    from mailer.sending.accept import Acceptor, SendRequest
+    from mailer.sending.accept import Accepted, Acceptor, SendRequest
     from mailer.sending.queue import ListEnqueuer, RedisEnqueuer
 
     held = ListEnqueuer()
@@ -178,7 +178,7 @@ def test_promotion_follows_consent_and_send_time_check_wins(
             body={"n": 3})])
     finally:
         runtime.enqueuer = original
-    assert third["status"] == "queued"
+    assert isinstance(third, Accepted) and third.status == "queued"
     # When the person revokes while it is still queued (one-click, from the mail they have)
     one_click = mail["List-Unsubscribe"].strip("<>").removeprefix(runtime.settings.public_url)
     r = client.post(one_click, content=b"List-Unsubscribe=One-Click",
@@ -187,7 +187,7 @@ def test_promotion_follows_consent_and_send_time_check_wins(
     # And the worker then gets the message
     RedisEnqueuer(runtime.settings.redis_url).enqueue(held.batches[0][0])
     # Then the send-time check suppresses it: the revoke wins
-    final = wait_final(client, keys["marketing"], third["id"])
+    final = wait_final(client, keys["marketing"], third.id)
     assert (final["status"], final["reason"]) == ("suppressed", "unsubscribed")
     assert final["attempts"] == 1
     assert not delivered(smtp_server, final["message_id"])

@@ -15,7 +15,8 @@ import sys
 import time
 
 from mailer.smtp.limits import parse_domain_limits, parse_max_rate
-from mailer.smtp.pace import PaceLimits, RedisPace
+from mailer.smtp.pace import PaceLimits
+from mailer.smtp.pace_redis import RedisPace
 
 
 async def _main(argv: list[str]) -> list[tuple[float, float]]:

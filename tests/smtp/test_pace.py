@@ -38,9 +38,9 @@ from mailer.smtp.pace import (
     PaceLimits,
     PaceTimeout,
     Permit,
-    RedisPace,
     is_throttling,
 )
+from mailer.smtp.pace_redis import RedisPace
 from tests.services import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import aiosmtplib
 
+from mailer.smtp.pool import SmtpTransport
+from mailer.smtp.replies import Outcome
 from mailer.smtp.sink import CapturingHandler, FastSink
-from mailer.smtp.transport import Outcome, SmtpTransport
 from tests.smtp_servers import SimpleEnvelope as Envelope
 from tests.smtp_servers import running_smtp_server
 from tests.smtp_servers import sample_envelope as message

@@ -10,7 +10,9 @@ from typing import Any, TypeVar
 import pytest
 
 from mailer.config import Settings
-from mailer.smtp.transport import BlockingTransport, Outcome, SendResult, SmtpTransport, Stage
+from mailer.smtp.bridge import BlockingTransport
+from mailer.smtp.pool import SmtpTransport
+from mailer.smtp.replies import Outcome, SendResult, Stage
 from tests.smtp_servers import Recorder, make_tls_contexts, refusing_port, running_smtp_server
 from tests.smtp_servers import SimpleEnvelope as Envelope
 from tests.smtp_servers import sample_envelope as message
@@ -350,7 +352,11 @@ def test_an_untrusted_certificate_is_deferred() -> None:
         # When we connect with the default (verifying) TLS settings
         [result] = run(send_with(SmtpTransport(host, port, security="tls"), message()))
         # Then the attempt is deferred as a TLS failure
-        assert result == SendResult(Outcome.DEFERRED, None, "TLS handshake failed", Stage.CONNECT)
+        assert result.outcome is Outcome.DEFERRED and result.stage is Stage.CONNECT
+        assert result.relay_error and result.code is None
+        # And the stored reason names the certificate problem, not just "TLS failed"
+        assert result.response.startswith("TLS certificate not trusted: ")
+        assert "self-signed certificate" in result.response or "issuer" in result.response
         assert relay.messages == []
 
 

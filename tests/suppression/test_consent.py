@@ -113,6 +113,7 @@ def test_source_sets_follow_the_spec() -> None:
         "double_opt_in",
         "unsubscribe_link",
         "one_click",
+        "mailto",
         "complaint",
         "api",
         "import",

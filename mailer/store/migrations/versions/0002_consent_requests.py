@@ -1,4 +1,4 @@
-"""double opt-in: pending consent requests (issue 3)
+"""double opt-in: pending consent requests (SPEC 3)
 
 Revision ID: 0002
 Revises: 0001

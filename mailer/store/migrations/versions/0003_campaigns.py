@@ -1,4 +1,4 @@
-"""campaigns, stored marketing templates, one message per address per campaign (issue 5)
+"""campaigns, stored marketing templates, one message per address per campaign (SPEC 7, 9)
 
 Revision ID: 0003
 Revises: 0002

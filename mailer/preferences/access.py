@@ -1,4 +1,8 @@
-"""Everything held about one recipient, as JSON-ready data (SPEC 3: the right of access)."""
+"""Everything held about one recipient, as JSON-ready data (SPEC 3: the right of access).
+
+``GET /v1/recipients/{id}`` shows the profile, current preferences, suppressions and the
+full consent ledger; the export adds pending opt-ins and every message with its history.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,49 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, or_, select
 
-from mailer.preferences.views import iso, profile, recipient_view
+from mailer.store.recipients import get_recipient, ledger, preferences, suppression_rows
 from mailer.store.schema import consent_requests, message_events, messages
+from mailer.times import iso
+from suppression.consent import THIRD_PARTY_SHARING
 
 #: Bumped when the shape of the export changes, so a reader can tell versions apart.
 EXPORT_FORMAT = 1
+
+
+def profile(row: Any) -> dict[str, Any]:
+    """The profile fields of a recipient row."""
+    return {
+        "external_id": row.external_id, "email": row.email, "name": row.name,
+        "locale": row.locale, "attributes": row.attributes or {},
+        "account_active": bool(row.account_active),
+        "created_at": iso(row.created_at), "updated_at": iso(row.updated_at),
+    }
+
+
+def recipient_view(conn: Connection, external_id: str) -> tuple[Any, dict[str, Any]]:
+    """The profile row, and what ``GET /v1/recipients/{id}`` shows of it.
+
+    Preferences per topic and third-party sharing (from the ledger, latest wins), every
+    suppression of the address, and the full consent ledger.
+    """
+    row = get_recipient(conn, external_id)
+    prefs = preferences(conn, row.id)
+    sharing = prefs.pop(THIRD_PARTY_SHARING)
+    return row, {
+        "preferences": prefs,
+        "third_party_sharing": sharing,
+        "suppressions": [
+            {"scope": s.scope, "reason": s.reason, "source": s.source,
+             "created_at": iso(s.created_at), "expires_at": iso(s.expires_at)}
+            for s in suppression_rows(conn, row.email_hash)
+        ],
+        "consents": [
+            {"id": e.id, "topic": e.topic, "granted": bool(e.granted), "source": e.source,
+             "policy_version": e.policy_version, "occurred_at": iso(e.occurred_at),
+             "recorded_at": iso(e.recorded_at), "evidence": e.evidence}
+            for e in ledger(conn, row.id)
+        ],
+    }
 
 
 def _messages(conn: Connection, recipient_id: int, email_hash: str) -> list[dict[str, Any]]:

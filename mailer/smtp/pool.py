@@ -1,31 +1,41 @@
-"""Pooled SMTP delivery over aiosmtplib that reports each attempt as a plain :class:`SendResult`."""
+"""A pool of reused SMTP connections to one relay, over aiosmtplib (SPEC 5, 6).
+
+Each attempt is reported as a plain :class:`~mailer.smtp.replies.SendResult`; what a
+reply means is decided in :mod:`mailer.smtp.replies`, never here.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
-import os
-import re
 import ssl
-import threading
 import time
-from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
-from email.utils import parseaddr
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiosmtplib
 from aiosmtplib import SMTPStatus
+
+from mailer.errors import ConfigError
+from mailer.smtp.helo import helo_name
+from mailer.smtp.replies import (
+    EnvelopeLike,
+    Outcome,
+    SendResult,
+    Stage,
+    all_refused,
+    envelope_problem,
+    local_failure,
+    redacted,
+    reply,
+)
 
 if TYPE_CHECKING:
     from mailer.config import Settings
 
 logger = logging.getLogger(__name__)
-
-#: Reply text kept in a :class:`SendResult` (it is stored with the message row).
-MAX_RESPONSE_CHARS = 500
 
 #: An idle pooled connection older than this gets a NOOP before it carries a message.
 DEFAULT_IDLE_CHECK_AFTER = 60.0
@@ -40,149 +50,29 @@ DEFAULT_MAX_MESSAGES_PER_CONNECTION = 100
 #: waiting out its own connect timeout against a relay that is down.
 DEFAULT_CONNECT_BACKOFF = 5.0
 
-_T = TypeVar("_T")
-
-# RFC 3463 section 2 / RFC 2034 section 4: "class.subject.detail" leads the reply text.
-_ENHANCED_CODE = re.compile(r"^\s*([245]\.\d{1,3}\.\d{1,3})(?![\d.])")
-# Characters that end or smuggle an SMTP command argument (RFC 5321 section 4.1.2).
-_FORBIDDEN_IN_ADDRESS = re.compile(r"[\x00-\x20\x7f<>]")
-# RFC 3463 section 3.2: X.1.7 and X.1.8 are about the *sender's* address, never the recipient.
-_SENDER_ADDRESS_STATUSES = frozenset({"1.7", "1.8"})
+#: Distinct relay refusals remembered for "logged once" (SPEC 5); beyond it, forget all.
+_MAX_LOGGED_REFUSALS = 256
 
 
-class Outcome(enum.StrEnum):
-    """What one SMTP attempt means for the message."""
+def tls_context(ca_file: str | None) -> ssl.SSLContext | None:
+    """A verifying client context trusting the system store plus ``MAILER_SMTP_CA_FILE``.
 
-    SENT = "sent"
-    #: Safe to retry: a 4xx reply, or the attempt died before the message data went out.
-    DEFERRED = "deferred"
-    #: A 5xx reply at MAIL, RCPT or DATA (or an envelope that can never be sent).
-    FAILED = "failed"
-    #: Lost during or after DATA: the server may have accepted it (RFC 5321 section 6.1).
-    UNKNOWN = "unknown"
-
-
-class Stage(enum.StrEnum):
-    """The protocol step at which an attempt ended."""
-
-    ENVELOPE = "envelope"
-    CONNECT = "connect"
-    MAIL = "mail"
-    RCPT = "rcpt"
-    DATA = "data"
-
-
-class EnvelopeLike(Protocol):
-    """What the transport needs of a message: SMTP envelope plus the serialised bytes."""
-
-    @property
-    def sender(self) -> str: ...
-
-    @property
-    def recipients(self) -> tuple[str, ...]: ...
-
-    @property
-    def data(self) -> bytes: ...
-
-
-@dataclass(frozen=True)
-class SendResult:
-    """The outcome of one attempt, with the server's reply code and text when there was one."""
-
-    outcome: Outcome
-    code: int | None
-    response: str
-    #: Where the attempt ended; None when it got through DATA.
-    stage: Stage | None = None
-    #: Recipients refused at RCPT while others were accepted (or all refused), each with
-    #: its own result. Kept out of repr so a logged result never carries addresses.
-    refused: tuple[tuple[str, SendResult], ...] = field(default=(), repr=False)
-
-    def __post_init__(self) -> None:
-        if len(self.response) > MAX_RESPONSE_CHARS:
-            object.__setattr__(self, "response", self.response[:MAX_RESPONSE_CHARS])
-
-    @property
-    def enhanced(self) -> str | None:
-        """The RFC 3463 enhanced status code (``5.1.1``) that leads the reply, if any."""
-        match = _ENHANCED_CODE.match(self.response)
-        return match.group(1) if match else None
-
-    @property
-    def is_user_unknown(self) -> bool:
-        """True for a permanent 5.1.x bad-recipient reply, which suppresses the address."""
-        # Only enhanced codes count: bare 550 is also used for spam and policy refusals,
-        # and 5.7.x is policy, never an unknown user.
-        enhanced = self.enhanced
-        if self.outcome is not Outcome.FAILED or self.code is None or not 500 <= self.code < 600:
-            return False
-        if enhanced is None or not enhanced.startswith("5.1."):
-            return False
-        # A refused MAIL FROM is about our sender address, not the recipient.
-        return self.stage is not Stage.MAIL and enhanced[2:] not in _SENDER_ADDRESS_STATUSES
-
-
-def _reply(code: int, message: str, stage: Stage) -> SendResult:
-    # RFC 5321 section 4.2.1: 5yz is permanent, 4yz transient.
-    outcome = Outcome.FAILED if 500 <= code < 600 else Outcome.DEFERRED
-    return SendResult(outcome, code, message, stage)
-
-
-def _failure(smtp: aiosmtplib.SMTP, exc: Exception, stage: Stage, local: Outcome) -> SendResult:
-    """Turn what one step raised into a result; anything but a 4xx/5xx reply is ``local``."""
-    if isinstance(exc, aiosmtplib.SMTPResponseException) and 400 <= exc.code < 600:
-        return _reply(exc.code, exc.message, stage)
-    # Lost, timed out, or a reply we cannot read (the session is out of step): never reuse.
-    smtp.close()
-    if isinstance(exc, aiosmtplib.SMTPResponseException):
-        return SendResult(local, None, f"unexpected reply {exc.code}", stage)
-    return SendResult(local, None, _describe(exc), stage)
-
-
-def _describe(exc: BaseException) -> str:
-    """A short, address-free description of a local (non-reply) failure."""
-    chain: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and len(chain) < 8:
-        chain.append(current)
-        current = current.__cause__ or current.__context__
-    if any(isinstance(e, ConnectionRefusedError) for e in chain):
-        return "connection refused"
-    if any(isinstance(e, ssl.SSLError) for e in chain):
-        return "TLS handshake failed"
-    if isinstance(exc, aiosmtplib.SMTPConnectTimeoutError):
-        return "timed out connecting"
-    if isinstance(exc, TimeoutError):
-        return "timed out waiting for the server"
-    if isinstance(exc, aiosmtplib.SMTPServerDisconnected | ConnectionError):
-        return "connection lost"
-    if isinstance(exc, aiosmtplib.SMTPException):
-        return exc.message
-    return type(exc).__name__
-
-
-def _address_problem(address: str, *, may_be_empty: bool) -> str | None:
-    if address == "":
-        return None if may_be_empty else "empty recipient address"
-    if not address.isascii():
-        # SPEC section 6: addresses go out in ASCII form; we never negotiate SMTPUTF8.
-        return "address is not ASCII"
-    # aiosmtplib quotes through parseaddr, which silently truncates odd input instead of
-    # rejecting it; refuse anything it would rewrite so the envelope is exactly as given.
-    if _FORBIDDEN_IN_ADDRESS.search(address) or parseaddr(address)[1] != address:
-        return "address not allowed on an SMTP command line"
-    return None
-
-
-def _envelope_problem(envelope: EnvelopeLike) -> SendResult | None:
-    if not envelope.recipients:
-        return SendResult(Outcome.FAILED, None, "no recipients", Stage.ENVELOPE)
-    problems = [_address_problem(envelope.sender, may_be_empty=True)]
-    problems += [_address_problem(r, may_be_empty=False) for r in envelope.recipients]
-    for problem in problems:
-        if problem is not None:
-            return SendResult(Outcome.FAILED, None, problem, Stage.ENVELOPE)
-    return None
+    None without a CA file: aiosmtplib then builds its own default (system store) context.
+    """
+    if not ca_file:
+        return None
+    context = ssl.create_default_context()
+    try:
+        # Added to the system store, not instead of it: a relay may move to a public CA.
+        context.load_verify_locations(cafile=ca_file)
+    except FileNotFoundError:
+        raise ConfigError(f"MAILER_SMTP_CA_FILE {ca_file!r} does not exist") from None
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"MAILER_SMTP_CA_FILE {ca_file!r} holds no readable PEM certificate "
+            f"({getattr(exc, 'reason', None) or exc.strerror or type(exc).__name__})"
+        ) from None
+    return context
 
 
 class _ConnectFailed(Exception):
@@ -191,6 +81,17 @@ class _ConnectFailed(Exception):
     def __init__(self, result: SendResult) -> None:
         super().__init__(result.response)
         self.result = result
+
+
+def _failure(smtp: aiosmtplib.SMTP, exc: Exception, stage: Stage, local: Outcome) -> SendResult:
+    """Turn what one step raised into a result; anything but a 4xx/5xx reply is ``local``."""
+    if isinstance(exc, aiosmtplib.SMTPResponseException) and 400 <= exc.code < 600:
+        return reply(exc.code, exc.message, stage)
+    # Lost, timed out, or a reply we cannot read (the session is out of step): never reuse.
+    smtp.close()
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return SendResult(local, None, f"unexpected reply {exc.code}", stage)
+    return local_failure(exc, stage, local)
 
 
 @dataclass
@@ -243,6 +144,7 @@ class SmtpTransport:
         self._slots = asyncio.Semaphore(pool_size)
         self._idle: list[_Connection] = []
         self._generation = 0
+        self._logged: set[tuple[int | None, str, str]] = set()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SmtpTransport:
@@ -255,6 +157,9 @@ class SmtpTransport:
             password=settings.smtp_password,
             pool_size=settings.smtp_pool_size,
             timeout=settings.smtp_timeout,
+            # SPEC 6: never "localhost", which relays refuse (RFC 5321 4.1.1.1).
+            local_hostname=helo_name(settings.smtp_helo_name, settings.mail_from),
+            tls_context=tls_context(settings.smtp_ca_file),
         )
 
     async def send_many(self, envelopes: Sequence[EnvelopeLike]) -> list[SendResult]:
@@ -263,9 +168,15 @@ class SmtpTransport:
 
     async def send(self, envelope: EnvelopeLike) -> SendResult:
         """Run one SMTP transaction on a pooled connection; never raises for SMTP trouble."""
-        problem = _envelope_problem(envelope)
+        problem = envelope_problem(envelope)
         if problem is not None:
             return problem
+        result = await self._send(envelope)
+        if result.relay_error:
+            self._log_refusal(result)
+        return result
+
+    async def _send(self, envelope: EnvelopeLike) -> SendResult:
         async with self._slots:
             try:
                 conn = await self._checkout()
@@ -341,7 +252,7 @@ class SmtpTransport:
                     return result  # lost, or 421 closing: the whole attempt is deferred
                 refused.append((recipient, result))
         if len(refused) == len(envelope.recipients):
-            return _all_refused(refused)
+            return all_refused(refused)
 
         try:
             response = await smtp.data(envelope.data)
@@ -426,20 +337,39 @@ class SmtpTransport:
                     await smtp.helo()
         except aiosmtplib.SMTPResponseException as exc:
             smtp.close()
-            # Greeting, EHLO or AUTH refusals concern the relay, not this message: retry.
-            logger.warning("smtp connect to %s:%s refused: %s", self.host, self.port, exc.code)
-            raise _ConnectFailed(
-                SendResult(Outcome.DEFERRED, exc.code, exc.message, Stage.CONNECT)
-            ) from None
+            # Greeting, EHLO, STARTTLS or AUTH refusals concern the relay, not this
+            # message: retry (replies.blames_client marks all but 421 as relay errors).
+            result = reply(exc.code, exc.message, Stage.CONNECT)
+            if result.outcome is Outcome.FAILED:
+                result = SendResult(Outcome.DEFERRED, exc.code, exc.message, Stage.CONNECT)
+            if not result.relay_error:
+                logger.warning("smtp connect to %s:%s refused: %s", self.host, self.port,
+                               exc.code)
+            raise _ConnectFailed(result) from None
         except (aiosmtplib.SMTPException, OSError) as exc:
             smtp.close()
-            reason = _describe(exc)
-            logger.warning("smtp connect to %s:%s failed: %s", self.host, self.port, reason)
-            raise _ConnectFailed(
-                SendResult(Outcome.DEFERRED, None, reason, Stage.CONNECT)
-            ) from None
+            result = local_failure(exc, Stage.CONNECT, Outcome.DEFERRED)
+            if not result.relay_error:
+                logger.warning("smtp connect to %s:%s failed: %s", self.host, self.port,
+                               result.response)
+            raise _ConnectFailed(result) from None
         now = time.monotonic()
         return _Connection(smtp, self._generation, opened_at=now, last_used=now)
+
+    def _log_refusal(self, result: SendResult) -> None:
+        """Log a relay refusal once per distinct reply, without addresses (SPEC 5)."""
+        text = redacted(result.response)
+        key = (result.code, str(result.stage), text)
+        if key in self._logged:
+            return
+        if len(self._logged) >= _MAX_LOGGED_REFUSALS:
+            self._logged.clear()
+        self._logged.add(key)
+        logger.error(
+            "relay %s:%s refused us (not the recipient) at %s: %s %s; messages stay "
+            "deferred until the relay settings are fixed",
+            self.host, self.port, result.stage, result.code or "-", text,
+        )
 
     def _discard(self, conn: _Connection) -> None:
         conn.smtp.close()
@@ -452,83 +382,3 @@ class SmtpTransport:
         conn.smtp.close()
 
 
-def _all_refused(refused: list[tuple[str, SendResult]]) -> SendResult:
-    """Summarise an attempt where no recipient was accepted."""
-    # If any refusal was temporary, retrying may still reach that recipient.
-    for _, result in refused:
-        if result.outcome is Outcome.DEFERRED:
-            break
-    else:
-        result = refused[0][1]
-    return SendResult(result.outcome, result.code, result.response, Stage.RCPT, tuple(refused))
-
-
-class BlockingTransport:
-    """Synchronous façade: an event loop in a daemon thread driving one :class:`SmtpTransport`."""
-
-    def __init__(self, factory: Callable[[], SmtpTransport]) -> None:
-        # Create this in the process that uses it (after dramatiq forks its workers):
-        # an event loop and its sockets do not survive fork.
-        self._pid = os.getpid()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="smtp-transport",
-                                        daemon=True)
-        self._thread.start()
-        self._closed = False
-
-        async def build() -> SmtpTransport:
-            return factory()
-
-        try:
-            self._transport = self._run(build())
-        except BaseException:
-            self._stop_loop()
-            raise
-
-    @property
-    def transport(self) -> SmtpTransport:
-        """The pooled async transport this façade drives (use it only on the loop thread)."""
-        return self._transport
-
-    def send(self, envelope: EnvelopeLike) -> SendResult:
-        """Send one envelope and wait for its result; callable from any thread."""
-        return self._run(self._transport.send(envelope))
-
-    def send_many(self, envelopes: Sequence[EnvelopeLike]) -> list[SendResult]:
-        """Send envelopes concurrently over the pool and wait; callable from any thread."""
-        return self._run(self._transport.send_many(list(envelopes)))
-
-    def close(self) -> None:
-        """Close the pooled connections and stop the loop thread; idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self._run(self._transport.close(), checked=False)
-        finally:
-            self._stop_loop()
-
-    def _stop_loop(self) -> None:
-        self._closed = True
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
-
-    def _run(self, coro: Coroutine[Any, Any, _T], *, checked: bool = True) -> _T:
-        if checked and self._closed:
-            coro.close()
-            raise RuntimeError("BlockingTransport is closed")
-        if os.getpid() != self._pid:
-            coro.close()
-            raise RuntimeError("BlockingTransport was created before fork; make one per process")
-        if threading.current_thread() is self._thread:
-            coro.close()
-            raise RuntimeError("BlockingTransport called from its own loop thread (deadlock)")
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        try:
-            return future.result()
-        except BaseException:
-            # The caller gave up (say, dramatiq's time limit fired): stop the sends rather
-            # than let them finish unrecorded, which the sweeper would turn into duplicates.
-            future.cancel()
-            raise
