@@ -11,8 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from mailer.webhooks import dsn, mailgun, postmark, sendgrid
-from mailer.webhooks.errors import ParseError
+from mailer.webhooks import ParseError, dsn, mailgun, postmark, sendgrid
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "webhooks" / "fixtures"
 MB = 1024 * 1024

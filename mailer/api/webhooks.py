@@ -32,10 +32,11 @@ from mailer.webhooks import (
     WebhookError,
     WebhookSource,
     body_limit,
+    check_size,
     dsn,
+    handle,
     source,
 )
-from mailer.webhooks.limits import check_size
 
 router = APIRouter(tags=["webhooks"])
 
@@ -110,7 +111,7 @@ def process(
             dsn.verify(headers, body, config, rt.clock())
             dsn.check_mail(body)
             return JSONResponse(ReportIntake(rt).take(body, source=dsn.PROVIDER).counts())
-        result = handler.handle(headers, body, config, rt.clock())
+        result = handle(handler, headers, body, config, rt.clock())
     except VerificationFailed:
         # Say nothing about which check failed: that would help a forger.
         return error_response(401, "verification_failed", "the request could not be verified")

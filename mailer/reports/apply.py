@@ -26,9 +26,13 @@ from typing import Any
 from sqlalchemy import Connection, Row, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from mailer.events.body import reply_code
+from mailer.events.record import MessageChange, record_message_changes, record_unsubscribe
 from mailer.reports.matching import Miss, ReportMatcher, Result, Tie, chunks
+from mailer.reports.vocabulary import EventType, WebhookEvent
 from mailer.runtime import Runtime
 from mailer.store.outbox import add_events
+from mailer.store.policy_versions import version_in_force
 from mailer.store.recipients import Address, add_suppression
 from mailer.store.schema import (
     bounce_reports,
@@ -42,7 +46,6 @@ from mailer.store.schema import (
     webhook_events,
 )
 from mailer.store.status import REPORTABLE, MessageStatus
-from mailer.webhooks import EventType, WebhookEvent
 from suppression.consent import THIRD_PARTY_SHARING
 
 #: A soft-bounce suppression lapses after this long even without a delivery (SPEC 4).
@@ -224,13 +227,13 @@ class EventApplier:
         if message is not None:
             add_events(conn, [(message.id, f"webhook_{kind.value}", detail)], now)
         if kind is EventType.HARD_BOUNCE:
-            self._set_status(conn, message, MessageStatus.BOUNCED, now)
+            self._set_status(conn, message, MessageStatus.BOUNCED, now, event)
             if not event.policy_rejection:
                 add_suppression(conn, address, email_hash, "all", "hard_bounce", source, now)
         elif kind is EventType.SOFT_BOUNCE:
             self._soft_bounce(conn, address, email_hash, source, event.occurred_at, now)
         elif kind is EventType.COMPLAINT:
-            self._set_status(conn, message, MessageStatus.COMPLAINED, now)
+            self._set_status(conn, message, MessageStatus.COMPLAINED, now, event)
             add_suppression(conn, address, email_hash, "marketing", "complaint", source, now)
             self._revoke_all(conn, email_hash, "complaint", event.occurred_at, now)
         elif kind is EventType.UNSUBSCRIBE:
@@ -242,6 +245,10 @@ class EventApplier:
                 add_suppression(conn, address, email_hash, "marketing", "unsubscribed",
                                 source, now)
                 self._revoke_all(conn, email_hash, "unsubscribe_link", event.occurred_at, now)
+            # SPEC 13: the person's own revoke, reported by the provider whose link it was.
+            record_unsubscribe(conn, now, topics=[topic] if topic else self._topic_names or [],
+                               all_marketing=not topic, source="unsubscribe_link",
+                               email_hash=email_hash)
         elif kind is EventType.DELIVERED:
             # A delivery ends a soft-bounce suppression early (SPEC 4).
             conn.execute(delete(suppressions).where(
@@ -251,14 +258,18 @@ class EventApplier:
 
     @staticmethod
     def _set_status(conn: Connection, message: Row[Any] | None, status: MessageStatus,
-                    now: datetime) -> None:
+                    now: datetime, event: WebhookEvent) -> None:
         if message is None:
             return
-        conn.execute(
+        changed = conn.execute(
             update(messages)
             .where(messages.c.id == message.id, messages.c.status.in_(sorted(REPORTABLE)))
             .values(status=status, updated_at=now)
-        )
+        ).rowcount
+        if changed:
+            # SPEC 13: message.bounced / message.complained, in this transaction.
+            record_message_changes(conn, [MessageChange(
+                message.id, status, event.type.value, reply_code(event.diagnostic))], now)
 
     def _soft_bounce(self, conn: Connection, address: Address | None, email_hash: str,
                      source: str, occurred_at: datetime, now: datetime) -> None:
@@ -290,9 +301,11 @@ class EventApplier:
         # second resolution and other clocks, and a complaint must outrank every grant
         # recorded before it arrived. The provider's time is kept as evidence.
         evidence = {"reported_at": occurred_at.isoformat()}
+        # SPEC 14: the version in force when the revoke is dated.
+        version = version_in_force(conn, now, self.rt.settings.policy_version) if ids else ""
         rows = [
             {"recipient_id": rid, "email_hash": email_hash, "topic": name, "granted": False,
-             "source": source, "policy_version": self.rt.settings.policy_version,
+             "source": source, "policy_version": version,
              "occurred_at": now, "recorded_at": now, "evidence": evidence}
             for rid in ids for name in names
         ]

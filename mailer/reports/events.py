@@ -19,14 +19,13 @@ Pure, like the reader. The mapping, as data where it can be:
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime
+from datetime import UTC, datetime
 from email.parser import BytesHeaderParser
 from email.policy import compat32
+from email.utils import parsedate_to_datetime
 
 from mailer.reports.model import Recipient, Report, ReportKind
-from mailer.webhooks.errors import ParseError
-from mailer.webhooks.events import EventType, WebhookEvent, stable_event_id
-from mailer.webhooks.times import from_rfc5322
+from mailer.reports.vocabulary import EventType, WebhookEvent, stable_event_id
 
 #: Bytes read for the report's own header fields (Message-ID, Date, From).
 MAX_HEADER_BYTES = 64 * 1024
@@ -81,12 +80,15 @@ def report_time(raw: bytes, received_at: datetime) -> datetime:
     window, but a clock in the future must not keep one counting longer.
     """
     value = own_fields(raw).get("Date")
-    if value:
-        try:
-            return min(from_rfc5322(value), received_at)
-        except ParseError:
-            pass
-    return received_at
+    try:
+        written = parsedate_to_datetime(value) if value else None
+    except (TypeError, ValueError, IndexError, OverflowError):
+        written = None
+    if written is None:
+        return received_at
+    # A "-0000" zone (RFC 5322 section 3.3: UTC, local zone unknown) comes back naive.
+    written = written.replace(tzinfo=UTC) if written.tzinfo is None else written
+    return min(written, received_at)
 
 
 def recipient_type(recipient: Recipient) -> EventType:

@@ -29,9 +29,9 @@ from mailer.reports.events import report_events, report_key, report_time
 from mailer.reports.excerpt import excerpt
 from mailer.reports.model import Report, ReportKind
 from mailer.reports.reader import read_report
+from mailer.reports.vocabulary import EventType, WebhookEvent, stable_event_id
 from mailer.runtime import Runtime
 from mailer.store.schema import bounce_reports, messages, unrecognised_reports
-from mailer.webhooks.events import EventType, WebhookEvent, stable_event_id
 from suppression.addresses import InvalidAddressError
 
 #: The ``result`` of a report recorded but never acted on (auto-replies, not-spam...).

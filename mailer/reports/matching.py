@@ -18,11 +18,11 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Row, and_, or_, select
 
+from mailer.reports.vocabulary import WebhookEvent
 from mailer.runtime import Runtime
 from mailer.store.recipients import Address
 from mailer.store.schema import messages
 from mailer.store.status import HANDED_TO_RELAY
-from mailer.webhooks import WebhookEvent
 from suppression.addresses import InvalidAddressError
 
 #: How far back a report without our Message-ID may find mail we sent (SPEC 4), measured

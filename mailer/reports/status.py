@@ -25,7 +25,7 @@ BASIC = re.compile(r"(?:^|[\s:;#(>\[])([245])\d\d(?=[\s\-\]),.;:]|$)", re.M)
 
 # Enhanced codes of class 5 that are still worth retrying: RFC 3463 calls X.2.2 (mailbox
 # full) "a persistent transient failure"; X.3.x and X.4.x are trouble at or on the way to
-# the receiving system, not a dead mailbox (same table as mailer.webhooks.status).
+# the receiving system, not a dead mailbox (as the webhook providers' status table reads it).
 SOFT_SUBJECTS = frozenset({"3", "4"})
 SOFT_CODES = frozenset({"2.2"})
 #: RFC 3463 X.1.7 and X.1.8: the SENDER's address is bad. Never the recipient's fault.

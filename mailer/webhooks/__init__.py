@@ -1,8 +1,10 @@
 """Webhook sources: verify a provider's raw request, then normalise it (SPEC section 8).
 
-Every source module offers ``verify(headers, body, config, now)``, ``parse(headers,
-body)`` and ``handle(...)``, which checks the size, verifies the raw body and only then
-parses it. ``headers`` is any ``Mapping[str, str]``; lookups are case-insensitive.
+Every provider module (``ses``, ``sendgrid``, ``mailgun``, ``postmark``, ``dsn``) offers
+``MAX_BODY``, ``verify(headers, body, config, now)`` and ``parse(headers, body)``;
+:func:`handle` runs them in the one safe order for all of them. ``headers`` is any
+``Mapping[str, str]``; lookups are case-insensitive. What the providers share lives in the
+private ``_support`` package and is re-exported here for the rest of mailer.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Protocol
 
+from mailer.reports.vocabulary import EventType, WebhookEvent, stable_event_id
 from mailer.webhooks import dsn, mailgun, postmark, sendgrid, ses
-from mailer.webhooks.config import WebhookConfig
-from mailer.webhooks.errors import (
+from mailer.webhooks._support.config import WebhookConfig
+from mailer.webhooks._support.errors import (
     BodyTooLarge,
     CertificateUnavailable,
     NotConfigured,
@@ -22,9 +25,8 @@ from mailer.webhooks.errors import (
     VerificationFailed,
     WebhookError,
 )
-from mailer.webhooks.events import EventType, WebhookEvent
-from mailer.webhooks.limits import MAX_BODY, MAX_DSN_BODY
-from mailer.webhooks.replay import MemorySeenTokens, SeenTokens
+from mailer.webhooks._support.limits import MAX_BODY, MAX_DSN_BODY, check_size
+from mailer.webhooks._support.replay import MemorySeenTokens, SeenTokens
 from mailer.webhooks.ses import SnsSubscription
 
 __all__ = [
@@ -46,12 +48,18 @@ __all__ = [
     "WebhookEvent",
     "WebhookSource",
     "body_limit",
+    "check_size",
+    "handle",
     "source",
+    "stable_event_id",
 ]
 
 
 class WebhookSource(Protocol):
     """What every module in :data:`PROVIDERS` provides."""
+
+    #: Largest body the provider accepts, checked before any verification work.
+    MAX_BODY: int
 
     def verify(
         self, headers: Mapping[str, str], body: bytes, config: WebhookConfig, now: datetime
@@ -65,11 +73,6 @@ class WebhookSource(Protocol):
         """Normalise a verified body; raise ParseError when it cannot be understood."""
         ...
 
-    def handle(
-        self, headers: Mapping[str, str], body: bytes, config: WebhookConfig, now: datetime
-    ) -> list[WebhookEvent] | SnsSubscription:
-        """Check the size, verify, then parse."""
-        ...
 
 
 #: Source modules by the name used in ``POST /webhooks/<name>``.
@@ -92,3 +95,21 @@ def source(name: str, config: WebhookConfig) -> WebhookSource:
 def body_limit(name: str) -> int:
     """Largest body the named source accepts: read no more than this from the request."""
     return MAX_DSN_BODY if name == "dsn" else MAX_BODY
+
+
+def handle(
+    provider: WebhookSource,
+    headers: Mapping[str, str],
+    body: bytes,
+    config: WebhookConfig,
+    now: datetime,
+) -> list[WebhookEvent] | SnsSubscription:
+    """Check the size, verify the raw body, and only then parse it.
+
+    The order is the point: nothing of an unauthenticated body is parsed (a parser is
+    attack surface, and a forged body must cost no more than a signature check), and the
+    signature is checked on the bytes as received, before any re-serialisation.
+    """
+    check_size(body, provider.MAX_BODY)
+    provider.verify(headers, body, config, now)
+    return provider.parse(headers, body)

@@ -15,11 +15,11 @@ from datetime import UTC, datetime
 
 from mailer.reports import read_report
 from mailer.reports.events import is_mail, report_events
-from mailer.webhooks.config import WebhookConfig
-from mailer.webhooks.errors import NotConfigured, ParseError, VerificationFailed
-from mailer.webhooks.events import WebhookEvent
-from mailer.webhooks.headers import header
-from mailer.webhooks.limits import MAX_DSN_BODY, check_size
+from mailer.reports.vocabulary import WebhookEvent
+from mailer.webhooks._support.config import WebhookConfig
+from mailer.webhooks._support.errors import NotConfigured, ParseError, VerificationFailed
+from mailer.webhooks._support.headers import header
+from mailer.webhooks._support.limits import MAX_DSN_BODY
 
 PROVIDER = "dsn"
 #: Largest report accepted, checked before verification: reports may attach the original.
@@ -60,11 +60,3 @@ def parse(
     received_at = now or datetime.now(UTC)
     return report_events(read_report(body), body, provider=PROVIDER, received_at=received_at)
 
-
-def handle(
-    headers: Mapping[str, str], body: bytes, config: WebhookConfig, now: datetime
-) -> list[WebhookEvent]:
-    """Verify the token first, then parse the body."""
-    check_size(body, MAX_BODY)
-    verify(headers, body, config, now)
-    return parse(headers, body, now)

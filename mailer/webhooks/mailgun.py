@@ -8,13 +8,20 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from mailer.webhooks import limits
-from mailer.webhooks.config import WebhookConfig
-from mailer.webhooks.errors import NotConfigured, ParseError, Replayed, VerificationFailed
-from mailer.webhooks.events import EventType, WebhookEvent
-from mailer.webhooks.payload import as_object, load_json, opt_object, opt_str, opt_text, req_str
-from mailer.webhooks.status import classify_status
-from mailer.webhooks.times import from_unix
+from mailer.reports.vocabulary import EventType, WebhookEvent
+from mailer.webhooks._support import limits
+from mailer.webhooks._support.config import WebhookConfig
+from mailer.webhooks._support.errors import NotConfigured, ParseError, Replayed, VerificationFailed
+from mailer.webhooks._support.payload import (
+    as_object,
+    load_json,
+    opt_object,
+    opt_str,
+    opt_text,
+    req_str,
+)
+from mailer.webhooks._support.status import classify_status
+from mailer.webhooks._support.times import from_unix
 
 PROVIDER = "mailgun"
 #: Largest body accepted, checked before verification.
@@ -127,14 +134,6 @@ def parse(headers: Mapping[str, str], body: bytes) -> list[WebhookEvent]:
         )
     ]
 
-
-def handle(
-    headers: Mapping[str, str], body: bytes, config: WebhookConfig, now: datetime
-) -> list[WebhookEvent]:
-    """Verify the raw body first, then parse it."""
-    limits.check_size(body, MAX_BODY)
-    verify(headers, body, config, now)
-    return parse(headers, body)
 
 
 def _message_id(data: Mapping[str, Any]) -> str | None:

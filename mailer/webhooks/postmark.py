@@ -10,12 +10,12 @@ from datetime import datetime
 from email.parser import HeaderParser
 from typing import Any
 
-from mailer.webhooks import limits
-from mailer.webhooks.config import WebhookConfig
-from mailer.webhooks.errors import NotConfigured, VerificationFailed
-from mailer.webhooks.events import EventType, WebhookEvent, stable_event_id
-from mailer.webhooks.headers import header
-from mailer.webhooks.payload import (
+from mailer.reports.vocabulary import EventType, WebhookEvent, stable_event_id
+from mailer.webhooks._support import limits
+from mailer.webhooks._support.config import WebhookConfig
+from mailer.webhooks._support.errors import NotConfigured, VerificationFailed
+from mailer.webhooks._support.headers import header
+from mailer.webhooks._support.payload import (
     as_list,
     as_object,
     load_json,
@@ -24,8 +24,8 @@ from mailer.webhooks.payload import (
     opt_text,
     req_str,
 )
-from mailer.webhooks.status import classify_status
-from mailer.webhooks.times import from_iso
+from mailer.webhooks._support.status import classify_status
+from mailer.webhooks._support.times import from_iso
 
 PROVIDER = "postmark"
 #: Largest body accepted, checked before verification.
@@ -146,14 +146,6 @@ def parse(headers: Mapping[str, str], body: bytes) -> list[WebhookEvent]:
         return []
     return [event]
 
-
-def handle(
-    headers: Mapping[str, str], body: bytes, config: WebhookConfig, now: datetime
-) -> list[WebhookEvent]:
-    """Verify the credentials first, then parse the body."""
-    limits.check_size(body, MAX_BODY)
-    verify(headers, body, config, now)
-    return parse(headers, body)
 
 
 def _basic_credentials(value: str | None) -> tuple[bytes, bytes]:

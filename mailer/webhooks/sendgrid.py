@@ -12,14 +12,21 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from mailer.webhooks import limits
-from mailer.webhooks.config import WebhookConfig
-from mailer.webhooks.errors import NotConfigured, ParseError, Replayed, VerificationFailed
-from mailer.webhooks.events import EventType, WebhookEvent, stable_event_id
-from mailer.webhooks.headers import header
-from mailer.webhooks.payload import as_list, as_object, load_json, opt_str, opt_text, req_str
-from mailer.webhooks.status import classify_status, find_enhanced
-from mailer.webhooks.times import from_unix
+from mailer.reports.vocabulary import EventType, WebhookEvent, stable_event_id
+from mailer.webhooks._support import limits
+from mailer.webhooks._support.config import WebhookConfig
+from mailer.webhooks._support.errors import NotConfigured, ParseError, Replayed, VerificationFailed
+from mailer.webhooks._support.headers import header
+from mailer.webhooks._support.payload import (
+    as_list,
+    as_object,
+    load_json,
+    opt_str,
+    opt_text,
+    req_str,
+)
+from mailer.webhooks._support.status import classify_status, find_enhanced
+from mailer.webhooks._support.times import from_unix
 
 PROVIDER = "sendgrid"
 #: Largest body accepted, checked before verification.
@@ -98,14 +105,6 @@ def parse(headers: Mapping[str, str], body: bytes) -> list[WebhookEvent]:
             events.append(event)
     return events
 
-
-def handle(
-    headers: Mapping[str, str], body: bytes, config: WebhookConfig, now: datetime
-) -> list[WebhookEvent]:
-    """Verify the raw body first, then parse it."""
-    limits.check_size(body, MAX_BODY)
-    verify(headers, body, config, now)
-    return parse(headers, body)
 
 
 def _event(item: Mapping[str, Any]) -> WebhookEvent | None:

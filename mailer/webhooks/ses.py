@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from mailer.webhooks import limits, sns
-from mailer.webhooks.config import WebhookConfig
-from mailer.webhooks.errors import NotConfigured, ParseError
-from mailer.webhooks.events import EventType, WebhookEvent
-from mailer.webhooks.payload import (
+from mailer.reports.vocabulary import EventType, WebhookEvent
+from mailer.webhooks._support import limits, sns
+from mailer.webhooks._support.config import WebhookConfig
+from mailer.webhooks._support.errors import NotConfigured, ParseError
+from mailer.webhooks._support.payload import (
     as_list,
     as_object,
     load_json,
@@ -19,8 +19,8 @@ from mailer.webhooks.payload import (
     opt_str,
     req_str,
 )
-from mailer.webhooks.status import classify_status, find_enhanced
-from mailer.webhooks.times import from_iso
+from mailer.webhooks._support.status import classify_status, find_enhanced
+from mailer.webhooks._support.times import from_iso
 
 PROVIDER = "ses"
 #: Largest body accepted, checked before verification.
@@ -94,14 +94,6 @@ def parse(headers: Mapping[str, str], body: bytes) -> list[WebhookEvent] | SnsSu
     # complaint; SES "reserves the right to add" types, so unknown ones are ignored too.
     return []
 
-
-def handle(
-    headers: Mapping[str, str], body: bytes, config: WebhookConfig, now: datetime
-) -> list[WebhookEvent] | SnsSubscription:
-    """Verify the raw body first, then parse it."""
-    limits.check_size(body, MAX_BODY)
-    verify(headers, body, config, now)
-    return parse(headers, body)
 
 
 @dataclass(frozen=True)

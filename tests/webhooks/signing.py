@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
-from mailer.webhooks.sns import string_to_sign
+from mailer.webhooks._support.sns import string_to_sign
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -14,10 +14,15 @@ from datetime import UTC, datetime
 
 import pytest
 
-from mailer.webhooks import dsn
-from mailer.webhooks.config import WebhookConfig
-from mailer.webhooks.errors import BodyTooLarge, NotConfigured, ParseError, VerificationFailed
-from mailer.webhooks.events import EventType, WebhookEvent, stable_event_id
+from mailer.reports.vocabulary import EventType, WebhookEvent, stable_event_id
+from mailer.webhooks import dsn, handle
+from mailer.webhooks._support.config import WebhookConfig
+from mailer.webhooks._support.errors import (
+    BodyTooLarge,
+    NotConfigured,
+    ParseError,
+    VerificationFailed,
+)
 from tests.webhooks.conftest import NOW
 from tests.webhooks.signing import fixture_bytes
 
@@ -41,7 +46,7 @@ def test_dsn_fixture_gives_one_event_per_recipient(config: WebhookConfig) -> Non
     # Given the DSN fixture: one "failed 5.1.1" and one "delayed 4.2.2" recipient
     body = fixture_bytes("dsn.eml")
     # When handled
-    events = dsn.handle(AUTH, body, config, NOW)
+    events = handle(dsn, AUTH, body, config, NOW)
     # Then both recipients are reported, dated by the report, with our Message-ID: the
     # failure a hard bounce, the delay only a deferral (it never suppresses)
     when = datetime(2024, 1, 1, 0, 0, 10, tzinfo=UTC)
@@ -168,7 +173,7 @@ def test_arf_fixture_is_a_complaint(config: WebhookConfig) -> None:
     # Given the ARF fixture (Feedback-Type abuse, Original-Rcpt-To present)
     body = fixture_bytes("arf.eml")
     # When handled a day later
-    events = dsn.handle(AUTH, body, config, LATER)
+    events = handle(dsn, AUTH, body, config, LATER)
     # Then it is a complaint for that recipient, dated by the report, with our Message-ID
     assert events == [
         WebhookEvent(
@@ -186,7 +191,7 @@ def test_redacted_arf_returns_our_message_id_for_lookup(config: WebhookConfig) -
     # Given an ARF report without Original-Rcpt-To and with the original's To redacted
     body = fixture_bytes("arf_redacted.eml")
     # When handled a day later
-    events = dsn.handle(AUTH, body, config, LATER)
+    events = handle(dsn, AUTH, body, config, LATER)
     # Then the recipient is unknown and our Message-ID is given for the caller to look up;
     # the redacted To header is never taken as the recipient; the id uses the report's own
     # Message-ID
@@ -282,7 +287,7 @@ def test_deeply_nested_message_is_read_without_error() -> None:
 def test_same_report_twice_has_stable_event_ids(config: WebhookConfig) -> None:
     # Given the same report posted twice / When handled twice / Then the ids match
     body = fixture_bytes("dsn.eml")
-    first, second = (dsn.handle(AUTH, body, config, NOW) for _ in range(2))
+    first, second = (handle(dsn, AUTH, body, config, NOW) for _ in range(2))
     assert [e.event_id for e in first] == [e.event_id for e in second]
 
 
@@ -301,25 +306,25 @@ def test_same_report_twice_has_stable_event_ids(config: WebhookConfig) -> None:
 def test_wrong_or_missing_token_fails(config: WebhookConfig, headers: dict[str, str]) -> None:
     # Given a wrong, malformed or missing bearer token / When handled / Then 401
     with pytest.raises(VerificationFailed):
-        dsn.handle(headers, fixture_bytes("dsn.eml"), config, NOW)
+        handle(dsn, headers, fixture_bytes("dsn.eml"), config, NOW)
 
 
 def test_token_scheme_and_header_name_are_case_insensitive(config: WebhookConfig) -> None:
     # Given "authorization: bearer <token>" / When handled / Then it authenticates
-    assert dsn.handle({"authorization": f"bearer {TOKEN}"}, fixture_bytes("dsn.eml"), config,
+    assert handle(dsn, {"authorization": f"bearer {TOKEN}"}, fixture_bytes("dsn.eml"), config,
                       NOW)
 
 
 def test_unconfigured_is_refused() -> None:
     # Given no MAILER_DSN_WEBHOOK_TOKEN / When a report arrives / Then NotConfigured (404)
     with pytest.raises(NotConfigured):
-        dsn.handle(AUTH, fixture_bytes("dsn.eml"), WebhookConfig(), NOW)
+        handle(dsn, AUTH, fixture_bytes("dsn.eml"), WebhookConfig(), NOW)
 
 
 def test_body_over_five_mebibytes_is_refused(config: WebhookConfig) -> None:
     # Given a report larger than the DSN limit / When handled / Then BodyTooLarge (413)
     with pytest.raises(BodyTooLarge):
-        dsn.handle(AUTH, b"x" * (dsn.MAX_BODY + 1), config, NOW)
+        handle(dsn, AUTH, b"x" * (dsn.MAX_BODY + 1), config, NOW)
 
 
 @pytest.mark.parametrize("shape", ["attachment", "header", "blocks", "junk"])

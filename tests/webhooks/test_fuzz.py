@@ -9,10 +9,10 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailer.webhooks import dsn, mailgun, postmark, sendgrid, ses
-from mailer.webhooks.config import WebhookConfig
-from mailer.webhooks.errors import ParseError, VerificationFailed
-from mailer.webhooks.events import WebhookEvent
+from mailer.reports.vocabulary import WebhookEvent
+from mailer.webhooks import dsn, handle, mailgun, postmark, sendgrid, ses
+from mailer.webhooks._support.config import WebhookConfig
+from mailer.webhooks._support.errors import ParseError, VerificationFailed
 from tests.webhooks.conftest import NOW
 from tests.webhooks.signing import fixture_bytes, fixture_json
 
@@ -84,7 +84,7 @@ def test_dsn_handle_refuses_or_parses(body: bytes, headers: dict[str, str], toke
     config = WebhookConfig(dsn_token="the-right-token")
     # When handled / Then only 400 or 401 errors come out, never a crash
     with contextlib.suppress(ParseError, VerificationFailed):
-        dsn.handle(headers, body, config, NOW)
+        handle(dsn, headers, body, config, NOW)
 
 
 JSON_FIXTURES = [

@@ -8,11 +8,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from mailer.webhooks import mailgun
-from mailer.webhooks.config import WebhookConfig
-from mailer.webhooks.errors import NotConfigured, ParseError, Replayed, VerificationFailed
-from mailer.webhooks.events import EventType, WebhookEvent
-from mailer.webhooks.replay import MemorySeenTokens
+from mailer.reports.vocabulary import EventType, WebhookEvent
+from mailer.webhooks import handle, mailgun
+from mailer.webhooks._support.config import WebhookConfig
+from mailer.webhooks._support.errors import NotConfigured, ParseError, Replayed, VerificationFailed
+from mailer.webhooks._support.replay import MemorySeenTokens
 from tests.webhooks.conftest import NOW
 from tests.webhooks.signing import fixture_json, flip_bit, mailgun_body
 
@@ -37,7 +37,7 @@ def _body(key: str, fixture: str = "mailgun_failed_permanent.json", stamp: str =
 
 def test_permanent_failure_is_a_hard_bounce(config: WebhookConfig, key: str) -> None:
     # Given a signed permanent failure / When handled
-    events = mailgun.handle({}, _body(key), config, NOW)
+    events = handle(mailgun, {}, _body(key), config, NOW)
     # Then every field is normalised
     assert events == [
         WebhookEvent(
@@ -53,7 +53,7 @@ def test_permanent_failure_is_a_hard_bounce(config: WebhookConfig, key: str) -> 
 
 def test_temporary_failure_is_a_deferral(config: WebhookConfig, key: str) -> None:
     # Given a signed temporary failure (Mailgun will retry the message)
-    events = mailgun.handle({}, _body(key, "mailgun_failed_temporary.json"), config, NOW)
+    events = handle(mailgun, {}, _body(key, "mailgun_failed_temporary.json"), config, NOW)
     # Then it is deferred, never counted as a bounce per retry
     assert events == [
         WebhookEvent(
@@ -86,7 +86,7 @@ def test_other_events(
     event_id: str, when: datetime, message_id: str, diagnostic: str | None,
 ) -> None:
     # Given a signed complained/delivered/unsubscribed event / When handled
-    [event] = mailgun.handle({}, _body(key, fixture), config, NOW)
+    [event] = handle(mailgun, {}, _body(key, fixture), config, NOW)
     # Then it is normalised field by field
     assert event == WebhookEvent(
         provider="mailgun", event_id=event_id, type=type_, recipient=recipient,
@@ -137,9 +137,9 @@ def test_token_is_accepted_only_once(config: WebhookConfig, key: str) -> None:
     # Given a signed request
     body = _body(key)
     # When it is sent twice / Then the first is accepted and the second refused as a replay
-    assert mailgun.handle({}, body, config, NOW)
+    assert handle(mailgun, {}, body, config, NOW)
     with pytest.raises(Replayed):
-        mailgun.handle({}, body, config, NOW + timedelta(seconds=1))
+        handle(mailgun, {}, body, config, NOW + timedelta(seconds=1))
 
 
 def test_published_vector_verifies() -> None:
@@ -165,7 +165,7 @@ def test_bit_flip_in_signed_values_fails(config: WebhookConfig, key: str) -> Non
         tampered = flip_bit(body, body.index(needle.encode()) + 5)
         # Then verification fails
         with pytest.raises(VerificationFailed):
-            mailgun.handle({}, tampered, config, NOW)
+            handle(mailgun, {}, tampered, config, NOW)
 
 
 def test_event_data_is_not_covered_by_the_signature(config: WebhookConfig, key: str) -> None:
@@ -175,15 +175,16 @@ def test_event_data_is_not_covered_by_the_signature(config: WebhookConfig, key: 
     altered = flip_bit(body, body.index(b"nobody") + 1)
     # When handled / Then both authenticate: Mailgun signs only timestamp + token, so body
     # integrity rests on HTTPS (documented limitation) while the token still stops replays
-    assert mailgun.handle({}, reserialised, config, NOW)[0].recipient == "nobody@example.org"
+    [event] = handle(mailgun, {}, reserialised, config, NOW)
+    assert event.recipient == "nobody@example.org"
     with pytest.raises(Replayed):
-        mailgun.handle({}, altered, config, NOW)
+        handle(mailgun, {}, altered, config, NOW)
 
 
 def test_wrong_key_fails(config: WebhookConfig) -> None:
     # Given a body signed with another key / When handled / Then verification fails
     with pytest.raises(VerificationFailed):
-        mailgun.handle({}, _body(secrets.token_hex(32)), config, NOW)
+        handle(mailgun, {}, _body(secrets.token_hex(32)), config, NOW)
 
 
 @pytest.mark.parametrize("field", ["timestamp", "token", "signature"])
@@ -193,7 +194,7 @@ def test_missing_signature_field_fails(config: WebhookConfig, key: str, field: s
     del payload["signature"][field]
     # When handled / Then verification fails
     with pytest.raises(VerificationFailed):
-        mailgun.handle({}, json.dumps(payload).encode(), config, NOW)
+        handle(mailgun, {}, json.dumps(payload).encode(), config, NOW)
 
 
 def test_missing_signature_block_fails(config: WebhookConfig) -> None:
@@ -201,7 +202,7 @@ def test_missing_signature_block_fails(config: WebhookConfig) -> None:
     payload = fixture_json("mailgun_delivered.json")
     del payload["signature"]
     with pytest.raises(VerificationFailed):
-        mailgun.handle({}, json.dumps(payload).encode(), config, NOW)
+        handle(mailgun, {}, json.dumps(payload).encode(), config, NOW)
 
 
 @pytest.mark.parametrize("offset", [301, -301])
@@ -212,7 +213,7 @@ def test_stale_or_future_timestamp_is_refused(
     body = _body(key, stamp=str(int(NOW.timestamp()) + offset))
     # When handled / Then it is refused as a replay
     with pytest.raises(Replayed):
-        mailgun.handle({}, body, config, NOW)
+        handle(mailgun, {}, body, config, NOW)
 
 
 def test_refused_requests_do_not_burn_tokens(config: WebhookConfig, key: str) -> None:
@@ -220,23 +221,23 @@ def test_refused_requests_do_not_burn_tokens(config: WebhookConfig, key: str) ->
     token = secrets.token_hex(25)
     forged = mailgun_body("mailgun_delivered.json", "wrong", STAMP, token)
     with pytest.raises(VerificationFailed):
-        mailgun.handle({}, forged, config, NOW)
+        handle(mailgun, {}, forged, config, NOW)
     # When the genuine request with that token arrives / Then it is accepted
     genuine = mailgun_body("mailgun_delivered.json", key, STAMP, token)
-    assert mailgun.handle({}, genuine, config, NOW)
+    assert handle(mailgun, {}, genuine, config, NOW)
 
 
 def test_unconfigured_is_refused(key: str) -> None:
     # Given no signing key / When a request arrives / Then NotConfigured (404)
     with pytest.raises(NotConfigured):
-        mailgun.handle({}, _body(key), WebhookConfig(), NOW)
+        handle(mailgun, {}, _body(key), WebhookConfig(), NOW)
 
 
 @pytest.mark.parametrize("payload", [b"not json", b"[]", b'{"signature": 3}'])
 def test_unreadable_body(config: WebhookConfig, payload: bytes) -> None:
     # Given a body that is not a Mailgun object / When handled / Then 400 or 401, never 200
     with pytest.raises((ParseError, VerificationFailed)):
-        mailgun.handle({}, payload, config, NOW)
+        handle(mailgun, {}, payload, config, NOW)
 
 
 def test_memory_store_forgets_expired_tokens() -> None:
@@ -261,6 +262,6 @@ def test_event_without_id_is_identified_by_its_signature_token(
     payload = json.loads(mailgun_body("mailgun_failed_permanent.json", key, STAMP, token))
     del payload["event-data"]["id"]
     # When handled
-    [event] = mailgun.handle({}, json.dumps(payload).encode(), config, NOW)
+    [event] = handle(mailgun, {}, json.dumps(payload).encode(), config, NOW)
     # Then it is accepted, its id being the one-time signature token (SPEC 8)
     assert (event.event_id, event.type) == (token, EventType.HARD_BOUNCE)

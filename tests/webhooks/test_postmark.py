@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from mailer.webhooks import postmark
-from mailer.webhooks.config import WebhookConfig
-from mailer.webhooks.errors import NotConfigured, ParseError, VerificationFailed
-from mailer.webhooks.events import EventType, WebhookEvent, stable_event_id
+from mailer.reports.vocabulary import EventType, WebhookEvent, stable_event_id
+from mailer.webhooks import handle, postmark
+from mailer.webhooks._support.config import WebhookConfig
+from mailer.webhooks._support.errors import NotConfigured, ParseError, VerificationFailed
 from tests.webhooks.conftest import NOW
 from tests.webhooks.signing import basic_auth, fixture_bytes, fixture_json, flip_bit
 
@@ -36,7 +36,7 @@ def _with(fixture: str, **fields: Any) -> bytes:
 
 def test_hard_bounce(config: WebhookConfig) -> None:
     # Given an authenticated HardBounce record / When handled
-    events = postmark.handle(AUTH, fixture_bytes("postmark_bounce.json"), config, NOW)
+    events = handle(postmark, AUTH, fixture_bytes("postmark_bounce.json"), config, NOW)
     # Then every field is normalised; our Message-ID comes from Metadata, not MessageID
     assert events == [
         WebhookEvent(
@@ -52,7 +52,7 @@ def test_hard_bounce(config: WebhookConfig) -> None:
 
 def test_spam_complaint(config: WebhookConfig) -> None:
     # Given an authenticated SpamComplaint record / When handled
-    events = postmark.handle(AUTH, fixture_bytes("postmark_spam_complaint.json"), config, NOW)
+    events = handle(postmark, AUTH, fixture_bytes("postmark_spam_complaint.json"), config, NOW)
     # Then it is a complaint with no Message-ID of ours (Postmark's MessageID is not ours)
     assert events == [
         WebhookEvent(
@@ -66,7 +66,7 @@ def test_spam_complaint(config: WebhookConfig) -> None:
 
 def test_delivery(config: WebhookConfig) -> None:
     # Given an authenticated Delivery record (which has no ID of its own) / When handled
-    events = postmark.handle(AUTH, fixture_bytes("postmark_delivery.json"), config, NOW)
+    events = handle(postmark, AUTH, fixture_bytes("postmark_delivery.json"), config, NOW)
     # Then it is delivered, with a stable id from Postmark's MessageID and the recipient
     assert events == [
         WebhookEvent(
@@ -84,7 +84,7 @@ def test_delivery(config: WebhookConfig) -> None:
 
 def test_subscription_change_to_suppressed_is_an_unsubscribe(config: WebhookConfig) -> None:
     # Given an authenticated SubscriptionChange with SuppressSending true / When handled
-    events = postmark.handle(AUTH, fixture_bytes("postmark_subscription_change.json"), config,
+    events = handle(postmark, AUTH, fixture_bytes("postmark_subscription_change.json"), config,
                              NOW)
     # Then it is an unsubscribe with a stable id
     assert events == [
@@ -107,7 +107,7 @@ def test_reactivation_is_ignored(config: WebhookConfig) -> None:
     # only the recipient's own action through our consent flow lifts a block
     body = _with("postmark_subscription_change.json", SuppressSending=False,
                  SuppressionReason=None)
-    assert postmark.handle(AUTH, body, config, NOW) == []
+    assert handle(postmark, AUTH, body, config, NOW) == []
 
 
 @pytest.mark.parametrize(
@@ -147,7 +147,7 @@ def test_message_id_from_bounce_content() -> None:
 def test_same_body_twice_has_stable_event_ids(config: WebhookConfig) -> None:
     # Given a record Postmark retries / When handled twice / Then the ids match
     body = fixture_bytes("postmark_bounce.json")
-    first, second = (postmark.handle(AUTH, body, config, NOW) for _ in range(2))
+    first, second = (handle(postmark, AUTH, body, config, NOW) for _ in range(2))
     assert first[0].event_id == second[0].event_id
 
 
@@ -171,13 +171,13 @@ def test_wrong_or_missing_credentials_fail(
 ) -> None:
     # Given wrong, malformed or missing credentials / When handled / Then 401
     with pytest.raises(VerificationFailed):
-        postmark.handle(headers, fixture_bytes("postmark_bounce.json"), config, NOW)
+        handle(postmark, headers, fixture_bytes("postmark_bounce.json"), config, NOW)
 
 
 def test_credentials_header_is_case_insensitive(config: WebhookConfig) -> None:
     # Given a lower-cased header name / When handled / Then it authenticates
     headers = {"authorization": AUTH["Authorization"]}
-    assert postmark.handle(headers, fixture_bytes("postmark_bounce.json"), config, NOW)
+    assert handle(postmark, headers, fixture_bytes("postmark_bounce.json"), config, NOW)
 
 
 def test_body_is_not_signed(config: WebhookConfig) -> None:
@@ -187,15 +187,15 @@ def test_body_is_not_signed(config: WebhookConfig) -> None:
     reserialised = json.dumps(json.loads(body)).encode()
     # When handled / Then both pass: Postmark signs nothing, so only the credentials and
     # HTTPS protect the request (documented; no timestamp exists to check either)
-    assert postmark.handle(AUTH, altered, config, NOW)[0].recipient == "nnbody@example.org"
-    assert postmark.handle(AUTH, reserialised, config, NOW)
+    assert handle(postmark, AUTH, altered, config, NOW)[0].recipient == "nnbody@example.org"
+    assert handle(postmark, AUTH, reserialised, config, NOW)
 
 
 def test_unconfigured_is_refused() -> None:
     # Given only a user configured / When a request arrives / Then NotConfigured (404)
     config = WebhookConfig(postmark_user=USER)
     with pytest.raises(NotConfigured):
-        postmark.handle(AUTH, fixture_bytes("postmark_bounce.json"), config, NOW)
+        handle(postmark, AUTH, fixture_bytes("postmark_bounce.json"), config, NOW)
 
 
 @pytest.mark.parametrize(
@@ -207,13 +207,13 @@ def test_unconfigured_is_refused() -> None:
 def test_malformed_authentic_body_is_a_parse_error(config: WebhookConfig, body: bytes) -> None:
     # Given an authenticated body of the wrong shape / When handled / Then ParseError (400)
     with pytest.raises(ParseError):
-        postmark.handle(AUTH, body, config, NOW)
+        handle(postmark, AUTH, body, config, NOW)
 
 
 def test_open_and_click_are_ignored(config: WebhookConfig) -> None:
     # Given an Open record / When handled / Then there is nothing to act on
     body = json.dumps({"RecordType": "Open", "MessageID": "x", "Recipient": "a@b"}).encode()
-    assert postmark.handle(AUTH, body, config, NOW) == []
+    assert handle(postmark, AUTH, body, config, NOW) == []
 
 
 def test_bounce_without_email_is_accepted_for_our_message_id() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from datetime import UTC, datetime
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -17,9 +18,11 @@ from mailer.webhooks import (
     NotConfigured,
     WebhookConfig,
     body_limit,
+    handle,
+    mailgun,
     source,
 )
-from mailer.webhooks.errors import (
+from mailer.webhooks._support.errors import (
     BodyTooLarge,
     CertificateUnavailable,
     ParseError,
@@ -30,11 +33,33 @@ from mailer.webhooks.errors import (
 from tests.webhooks.signing import sendgrid_key_text
 
 
-def test_every_source_offers_verify_parse_and_handle() -> None:
-    # Given the registry / Then it holds the five sources, each with the three functions
+def test_every_source_offers_a_body_limit_verify_and_parse() -> None:
+    # Given the registry / Then it holds the five sources, each with what handle() calls
     assert set(PROVIDERS) == {"ses", "sendgrid", "mailgun", "postmark", "dsn"}
     for module in PROVIDERS.values():
-        assert callable(module.verify) and callable(module.parse) and callable(module.handle)
+        assert callable(module.verify) and callable(module.parse)
+        assert 0 < module.MAX_BODY <= 5 * 1024 * 1024
+
+
+def test_handle_verifies_before_it_parses(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a provider whose verification fails and whose parser records being called
+    calls: list[str] = []
+
+    def refuse(*args: object) -> None:
+        calls.append("verify")
+        raise VerificationFailed("no")
+
+    monkeypatch.setattr(mailgun, "verify", refuse)
+    monkeypatch.setattr(mailgun, "parse", lambda *a: calls.append("parse"))
+    # When a body is handled / Then verification failed and the parser never ran
+    with pytest.raises(VerificationFailed):
+        handle(mailgun, {}, b"{}", WebhookConfig(mailgun_signing_key="k"), datetime.now(UTC))
+    assert calls == ["verify"]
+    # And an oversized body is refused before verification is even tried
+    calls.clear()
+    with pytest.raises(BodyTooLarge):
+        handle(mailgun, {}, b"x" * (mailgun.MAX_BODY + 1), WebhookConfig(), datetime.now(UTC))
+    assert calls == []
 
 
 def test_config_from_settings(ec_key: ec.EllipticCurvePrivateKey) -> None:

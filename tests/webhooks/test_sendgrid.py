@@ -11,10 +11,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from mailer.errors import ConfigError
-from mailer.webhooks import sendgrid
-from mailer.webhooks.config import WebhookConfig, load_sendgrid_key
-from mailer.webhooks.errors import NotConfigured, ParseError, Replayed, VerificationFailed
-from mailer.webhooks.events import EventType, WebhookEvent
+from mailer.reports.vocabulary import EventType, WebhookEvent
+from mailer.webhooks import handle, sendgrid
+from mailer.webhooks._support.config import WebhookConfig, load_sendgrid_key
+from mailer.webhooks._support.errors import NotConfigured, ParseError, Replayed, VerificationFailed
 from tests.webhooks.conftest import NOW
 from tests.webhooks.signing import (
     fixture_bytes,
@@ -50,7 +50,7 @@ def test_valid_batch_maps_every_event(
     # Given a signed batch of eleven events
     headers = sendgrid_headers(ec_key, STAMP, body)
     # When handled
-    events = sendgrid.handle(headers, body, config, NOW)
+    events = handle(sendgrid, headers, body, config, NOW)
     # Then the nine that matter are normalised; "Spam Content" drops, processed and open
     # events are not outcomes and are left out
     assert events == [
@@ -121,8 +121,8 @@ def test_same_body_twice_verifies_with_stable_event_ids(
     # Given a signed batch delivered twice (SendGrid retries)
     headers = sendgrid_headers(ec_key, STAMP, body)
     # When handled twice / Then both verify and carry the same event ids for the caller
-    first = sendgrid.handle(headers, body, config, NOW)
-    second = sendgrid.handle(headers, body, config, NOW + timedelta(seconds=10))
+    first = handle(sendgrid, headers, body, config, NOW)
+    second = handle(sendgrid, headers, body, config, NOW + timedelta(seconds=10))
     assert [e.event_id for e in first] == [e.event_id for e in second]
 
 
@@ -134,7 +134,7 @@ def test_bit_flipped_body_fails(
     headers = sendgrid_headers(ec_key, STAMP, body)
     # When handled / Then verification fails, whatever the byte
     with pytest.raises(VerificationFailed):
-        sendgrid.handle(headers, flip_bit(body, index), config, NOW)
+        handle(sendgrid, headers, flip_bit(body, index), config, NOW)
 
 
 def test_wrong_key_fails(
@@ -142,7 +142,7 @@ def test_wrong_key_fails(
 ) -> None:
     # Given a body signed by another key / When handled / Then verification fails
     with pytest.raises(VerificationFailed):
-        sendgrid.handle(sendgrid_headers(other_ec_key, STAMP, body), body, config, NOW)
+        handle(sendgrid, sendgrid_headers(other_ec_key, STAMP, body), body, config, NOW)
 
 
 @pytest.mark.parametrize("missing", [sendgrid.SIGNATURE_HEADER, sendgrid.TIMESTAMP_HEADER])
@@ -154,7 +154,7 @@ def test_missing_header_fails(
     del headers[missing]
     # When handled / Then verification fails
     with pytest.raises(VerificationFailed):
-        sendgrid.handle(headers, body, config, NOW)
+        handle(sendgrid, headers, body, config, NOW)
 
 
 def test_headers_are_matched_case_insensitively(
@@ -163,17 +163,17 @@ def test_headers_are_matched_case_insensitively(
     # Given the headers lower-cased as an ASGI server delivers them
     headers = {k.lower(): v for k, v in sendgrid_headers(ec_key, STAMP, body).items()}
     # When handled / Then it verifies
-    assert sendgrid.handle(headers, body, config, NOW)
+    assert handle(sendgrid, headers, body, config, NOW)
 
 
 def test_garbage_signature_fails(config: WebhookConfig, body: bytes) -> None:
     # Given a signature header that is not base64 DER / When handled / Then it fails
     headers = {sendgrid.SIGNATURE_HEADER: "%%%", sendgrid.TIMESTAMP_HEADER: STAMP}
     with pytest.raises(VerificationFailed):
-        sendgrid.handle(headers, body, config, NOW)
+        handle(sendgrid, headers, body, config, NOW)
     headers[sendgrid.SIGNATURE_HEADER] = base64.b64encode(b"not DER").decode()
     with pytest.raises(VerificationFailed):
-        sendgrid.handle(headers, body, config, NOW)
+        handle(sendgrid, headers, body, config, NOW)
 
 
 @pytest.mark.parametrize("offset", [301, -301, 86400])
@@ -184,7 +184,7 @@ def test_stale_or_future_timestamp_is_replay(
     headers = sendgrid_headers(ec_key, str(int(NOW.timestamp()) + offset), body)
     # When handled / Then it is refused as a replay
     with pytest.raises(Replayed):
-        sendgrid.handle(headers, body, config, NOW)
+        handle(sendgrid, headers, body, config, NOW)
 
 
 def test_timestamp_within_window_is_accepted(
@@ -192,7 +192,7 @@ def test_timestamp_within_window_is_accepted(
 ) -> None:
     # Given a signature 300 s old / When handled / Then it is still accepted
     headers = sendgrid_headers(ec_key, str(int(NOW.timestamp()) - 300), body)
-    assert sendgrid.handle(headers, body, config, NOW)
+    assert handle(sendgrid, headers, body, config, NOW)
 
 
 def test_reserialised_json_fails(
@@ -203,7 +203,7 @@ def test_reserialised_json_fails(
     reserialised = json.dumps(json.loads(body), separators=(",", ":")).encode()
     # When handled / Then verification fails: only the raw bytes are signed
     with pytest.raises(VerificationFailed):
-        sendgrid.handle(headers, reserialised, config, NOW)
+        handle(sendgrid, headers, reserialised, config, NOW)
 
 
 def test_published_vectors_verify() -> None:
@@ -278,7 +278,7 @@ def test_non_p256_key_is_a_config_error() -> None:
 def test_unconfigured_is_refused(ec_key: ec.EllipticCurvePrivateKey, body: bytes) -> None:
     # Given no key configured / When a request arrives / Then NotConfigured (404)
     with pytest.raises(NotConfigured):
-        sendgrid.handle(sendgrid_headers(ec_key, STAMP, body), body, WebhookConfig(), NOW)
+        handle(sendgrid, sendgrid_headers(ec_key, STAMP, body), body, WebhookConfig(), NOW)
 
 
 @pytest.mark.parametrize(
@@ -289,4 +289,4 @@ def test_malformed_authentic_body_is_a_parse_error(
 ) -> None:
     # Given a correctly signed body of the wrong shape / When handled / Then ParseError (400)
     with pytest.raises(ParseError):
-        sendgrid.handle(sendgrid_headers(ec_key, STAMP, payload), payload, config, NOW)
+        handle(sendgrid, sendgrid_headers(ec_key, STAMP, payload), payload, config, NOW)

@@ -12,9 +12,11 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from mailer.webhooks import ses, sns
-from mailer.webhooks.config import WebhookConfig
-from mailer.webhooks.errors import (
+from mailer.reports.vocabulary import EventType, WebhookEvent
+from mailer.webhooks import handle, ses
+from mailer.webhooks._support import sns
+from mailer.webhooks._support.config import WebhookConfig
+from mailer.webhooks._support.errors import (
     BodyTooLarge,
     CertificateUnavailable,
     NotConfigured,
@@ -22,7 +24,6 @@ from mailer.webhooks.errors import (
     Replayed,
     VerificationFailed,
 )
-from mailer.webhooks.events import EventType, WebhookEvent
 from tests.webhooks.conftest import NOW
 from tests.webhooks.signing import fixture_json, flip_bit, self_signed_cert, sign_sns
 
@@ -74,7 +75,7 @@ def envelope(ses_fixture: str | None = None, **overrides: Any) -> dict[str, Any]
 
 def handled(body: bytes, config: WebhookConfig, now: datetime = NOW) -> list[WebhookEvent]:
     """Handle a Notification body and return its events (never a subscription)."""
-    result = ses.handle(HEADERS, body, config, now)
+    result = handle(ses, HEADERS, body, config, now)
     assert isinstance(result, list)
     return result
 
@@ -94,7 +95,7 @@ def test_permanent_bounce_gives_one_hard_bounce_per_recipient(
     # Given a Permanent bounce for two recipients, signed with SignatureVersion 1 or 2
     body = signed(rsa_key, SignatureVersion=version)
     # When it is handled
-    events = ses.handle(HEADERS, body, config, NOW)
+    events = handle(ses, HEADERS, body, config, NOW)
     # Then each recipient gets a hard bounce; the 5.7.1 one is flagged as policy
     when = datetime(2024, 1, 1, 0, 0, 2, 500000, tzinfo=UTC)
     assert events == [
@@ -120,7 +121,7 @@ def test_transient_bounce_is_soft(config: WebhookConfig, rsa_key: rsa.RSAPrivate
     # Given a Transient/MailboxFull bounce
     body = signed(rsa_key, "ses_bounce_transient.json")
     # When handled / Then it is one soft bounce with the 5.2.2 status
-    assert ses.handle(HEADERS, body, config, NOW) == [
+    assert handle(ses, HEADERS, body, config, NOW) == [
         WebhookEvent(
             provider="ses", event_id=f"{SNS_ID}:full@example.org", type=EventType.SOFT_BOUNCE,
             recipient="full@example.org", occurred_at=datetime(2024, 1, 1, 0, 0, 3, tzinfo=UTC),
@@ -155,14 +156,14 @@ def test_not_spam_feedback_is_no_complaint(
     message["complaint"]["complaintFeedbackType"] = "not-spam"
     body = sign_sns(envelope(Message=json.dumps(message)), rsa_key)
     # When handled / Then nothing is reported
-    assert ses.handle(HEADERS, body, config, NOW) == []
+    assert handle(ses, HEADERS, body, config, NOW) == []
 
 
 def test_delivery(config: WebhookConfig, rsa_key: rsa.RSAPrivateKey) -> None:
     # Given a Delivery notification
     body = signed(rsa_key, "ses_delivery.json")
     # When handled / Then one delivered event carries the receiver's reply
-    assert ses.handle(HEADERS, body, config, NOW) == [
+    assert handle(ses, HEADERS, body, config, NOW) == [
         WebhookEvent(
             provider="ses", event_id=f"{SNS_ID}:someone@example.org", type=EventType.DELIVERED,
             recipient="someone@example.org",
@@ -211,7 +212,9 @@ def test_subscription_confirmation_is_returned_not_visited(
     env = fixture_json("sns_subscription_confirmation.json")
     body = sign_sns(env, rsa_key)
     # When handled
-    result = ses.handle({"x-amz-sns-message-type": "SubscriptionConfirmation"}, body, config, NOW)
+    result = handle(
+        ses, {"x-amz-sns-message-type": "SubscriptionConfirmation"}, body, config, NOW
+    )
     # Then the caller gets what it needs to record it (and no connection was made)
     assert result == ses.SnsSubscription(
         kind="SubscriptionConfirmation", topic_arn=TOPIC, subscribe_url=env["SubscribeURL"],
@@ -227,8 +230,8 @@ def test_plain_text_notice_and_other_event_types_are_ignored(
                       rsa_key)
     opened = sign_sns(envelope(Message=json.dumps({"eventType": "Open", "mail": {}})), rsa_key)
     # When handled / Then both are accepted and yield nothing
-    assert ses.handle(HEADERS, notice, config, NOW) == []
-    assert ses.handle(HEADERS, opened, config, NOW) == []
+    assert handle(ses, HEADERS, notice, config, NOW) == []
+    assert handle(ses, HEADERS, opened, config, NOW) == []
 
 
 def test_replayed_body_verifies_again_with_the_same_event_ids(
@@ -257,7 +260,7 @@ def test_bit_flip_in_a_signed_field_fails(
     tampered = flip_bit(body, body.index(needle) + 2)
     # When handled / Then verification fails
     with pytest.raises(VerificationFailed):
-        ses.handle(HEADERS, tampered, config, NOW)
+        handle(ses, HEADERS, tampered, config, NOW)
 
 
 def test_bit_flip_in_the_signature_fails(config: WebhookConfig, rsa_key: rsa.RSAPrivateKey) -> None:
@@ -267,7 +270,7 @@ def test_bit_flip_in_the_signature_fails(config: WebhookConfig, rsa_key: rsa.RSA
     env["Signature"] = sig[:10] + ("A" if sig[10] != "A" else "B") + sig[11:]
     # When handled / Then verification fails
     with pytest.raises(VerificationFailed):
-        ses.handle(HEADERS, json.dumps(env).encode(), config, NOW)
+        handle(ses, HEADERS, json.dumps(env).encode(), config, NOW)
 
 
 def test_wrong_key_fails(config: WebhookConfig, other_rsa_key: rsa.RSAPrivateKey) -> None:
@@ -275,7 +278,7 @@ def test_wrong_key_fails(config: WebhookConfig, other_rsa_key: rsa.RSAPrivateKey
     body = signed(other_rsa_key)
     # When handled / Then verification fails
     with pytest.raises(VerificationFailed):
-        ses.handle(HEADERS, body, config, NOW)
+        handle(ses, HEADERS, body, config, NOW)
 
 
 @pytest.mark.parametrize("field", ["Signature", "SigningCertURL", "SignatureVersion", "Message",
@@ -288,7 +291,7 @@ def test_missing_field_fails(
     del env[field]
     # When handled / Then verification fails
     with pytest.raises(VerificationFailed):
-        ses.handle(HEADERS, json.dumps(env).encode(), config, NOW)
+        handle(ses, HEADERS, json.dumps(env).encode(), config, NOW)
 
 
 def test_unknown_signature_version_fails(
@@ -299,7 +302,7 @@ def test_unknown_signature_version_fails(
     env["SignatureVersion"] = "3"
     # When handled / Then verification fails
     with pytest.raises(VerificationFailed):
-        ses.handle(HEADERS, json.dumps(env).encode(), config, NOW)
+        handle(ses, HEADERS, json.dumps(env).encode(), config, NOW)
 
 
 def test_reserialised_inner_message_fails(
@@ -310,7 +313,7 @@ def test_reserialised_inner_message_fails(
     env["Message"] = json.dumps(json.loads(env["Message"]), indent=1)
     # When handled / Then verification fails: the Message text is signed as sent
     with pytest.raises(VerificationFailed):
-        ses.handle(HEADERS, json.dumps(env).encode(), config, NOW)
+        handle(ses, HEADERS, json.dumps(env).encode(), config, NOW)
 
 
 def test_reserialised_envelope_still_verifies(
@@ -320,20 +323,23 @@ def test_reserialised_envelope_still_verifies(
     body = signed(rsa_key)
     compact = json.dumps(json.loads(body), separators=(",", ":")).encode()
     # When handled / Then it verifies and yields the same events
-    assert ses.handle(HEADERS, compact, config, NOW) == ses.handle(HEADERS, body, config, NOW)
+    assert handle(ses, HEADERS, compact, config, NOW) == handle(
+        ses, HEADERS, body, config, NOW
+    )
 
 
 def test_timestamp_window(config: WebhookConfig, rsa_key: rsa.RSAPrivateKey) -> None:
     # Given a valid body timestamped at 00:05:00
     body = signed(rsa_key)
     # When handled 301 s later / Then it is accepted: SNS retries keep the first Timestamp
-    assert ses.handle(HEADERS, body, config, NOW + timedelta(seconds=301))
+    assert handle(ses, HEADERS, body, config, NOW + timedelta(seconds=301))
     # When handled after the retry ceiling (1 h + 5 min skew) / Then it is refused
     with pytest.raises(Replayed):
-        ses.handle(HEADERS, body, config, NOW + sns.MAX_AGE + sns.MAX_SKEW + timedelta(seconds=1))
+        late = NOW + sns.MAX_AGE + sns.MAX_SKEW + timedelta(seconds=1)
+        handle(ses, HEADERS, body, config, late)
     # When handled 301 s before its Timestamp / Then it is refused as from the future
     with pytest.raises(Replayed):
-        ses.handle(HEADERS, body, config, NOW - timedelta(seconds=301))
+        handle(ses, HEADERS, body, config, NOW - timedelta(seconds=301))
 
 
 def test_unknown_topic_is_refused_before_any_certificate_lookup(
@@ -345,7 +351,7 @@ def test_unknown_topic_is_refused_before_any_certificate_lookup(
     body = signed(rsa_key, TopicArn="arn:aws:sns:us-east-1:999999999999:someone-else")
     # When handled / Then it is refused without fetching a certificate
     with pytest.raises(VerificationFailed):
-        ses.handle(HEADERS, body, config, NOW)
+        handle(ses, HEADERS, body, config, NOW)
 
 
 @pytest.mark.parametrize(
@@ -375,7 +381,7 @@ def test_bad_certificate_url_is_refused_without_network(
     body = signed(rsa_key, SigningCertURL=url)
     # When handled / Then it is refused, and neither fetch_cert nor a socket was touched
     with pytest.raises(VerificationFailed):
-        ses.handle(HEADERS, body, config, NOW)
+        handle(ses, HEADERS, body, config, NOW)
 
 
 def test_default_fetcher_refuses_unchecked_urls_itself() -> None:
@@ -412,7 +418,7 @@ def test_unavailable_certificate_is_a_retryable_error(rsa_key: rsa.RSAPrivateKey
     config = WebhookConfig(ses_topic_arns=frozenset({TOPIC}), fetch_cert=fetch)
     # When a valid message is handled / Then the caller gets a 503-class error so SNS retries
     with pytest.raises(CertificateUnavailable) as caught:
-        ses.handle(HEADERS, signed(rsa_key), config, NOW)
+        handle(ses, HEADERS, signed(rsa_key), config, NOW)
     assert caught.value.status == 503
 
 
@@ -423,25 +429,25 @@ def test_garbage_certificate_fails(tmp_path: Path, rsa_key: rsa.RSAPrivateKey) -
                            fetch_cert=_no_fetch)
     # When handled / Then verification fails
     with pytest.raises(VerificationFailed):
-        ses.handle(HEADERS, signed(rsa_key), config, NOW)
+        handle(ses, HEADERS, signed(rsa_key), config, NOW)
 
 
 def test_not_json_is_a_parse_error(config: WebhookConfig) -> None:
     # Given a body that is not JSON / When handled / Then it is a 400, not a 401
     with pytest.raises(ParseError):
-        ses.handle(HEADERS, b"Type=Notification", config, NOW)
+        handle(ses, HEADERS, b"Type=Notification", config, NOW)
 
 
 def test_unconfigured_source_is_refused(rsa_key: rsa.RSAPrivateKey) -> None:
     # Given no MAILER_SES_TOPIC_ARNS / When a message arrives / Then NotConfigured (404)
     with pytest.raises(NotConfigured):
-        ses.handle(HEADERS, signed(rsa_key), WebhookConfig(fetch_cert=_no_fetch), NOW)
+        handle(ses, HEADERS, signed(rsa_key), WebhookConfig(fetch_cert=_no_fetch), NOW)
 
 
 def test_oversized_body_is_refused_before_verification(config: WebhookConfig) -> None:
     # Given a body over the limit / When handled / Then BodyTooLarge, nothing parsed
     with pytest.raises(BodyTooLarge):
-        ses.handle(HEADERS, b" " * (ses.MAX_BODY + 1), config, NOW)
+        handle(ses, HEADERS, b" " * (ses.MAX_BODY + 1), config, NOW)
 
 
 def test_certificate_file_name_comes_from_the_last_path_segment() -> None:

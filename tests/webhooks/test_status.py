@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from mailer.webhooks.events import EventType, WebhookEvent, stable_event_id
-from mailer.webhooks.status import classify_status, find_enhanced
+from mailer.reports.vocabulary import EventType, WebhookEvent, stable_event_id
+from mailer.webhooks._support.status import classify_status, find_enhanced
 
 HARD, SOFT, DELIVERED = EventType.HARD_BOUNCE, EventType.SOFT_BOUNCE, EventType.DELIVERED
 

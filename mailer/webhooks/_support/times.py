@@ -6,7 +6,7 @@ import math
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
-from mailer.webhooks.errors import ParseError
+from mailer.webhooks._support.errors import ParseError
 
 
 def from_iso(text: object) -> datetime:

@@ -20,16 +20,16 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from mailer.webhooks.errors import (
+from mailer.webhooks._support.errors import (
     CertificateUnavailable,
     ParseError,
     Replayed,
     VerificationFailed,
 )
-from mailer.webhooks.times import from_iso
+from mailer.webhooks._support.times import from_iso
 
 if TYPE_CHECKING:
-    from mailer.webhooks.config import WebhookConfig
+    from mailer.webhooks._support.config import WebhookConfig
 
 # The host pattern of the AWS SDK message validators (.NET, PHP, JS), kept to the commercial
 # partition: anything else could serve a certificate an attacker controls.

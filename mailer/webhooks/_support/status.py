@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from mailer.webhooks.events import EventType
+from mailer.reports.vocabulary import EventType
 
 # RFC 3463 section 2: class "." subject "." detail, class one of 2/4/5, subject and detail
 # one to three digits. The look-arounds keep it from matching inside IP addresses or

@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_der_public_key, load_pem_public_key
 
 from mailer.errors import ConfigError
-from mailer.webhooks.replay import MemorySeenTokens, SeenTokens
-from mailer.webhooks.sns import fetch_certificate
+from mailer.webhooks._support.replay import MemorySeenTokens, SeenTokens
+from mailer.webhooks._support.sns import fetch_certificate
 
 if TYPE_CHECKING:
     from mailer.config import Settings

@@ -6,7 +6,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from mailer.webhooks.errors import ParseError
+from mailer.webhooks._support.errors import ParseError
 
 
 def load_json(body: bytes) -> Any:

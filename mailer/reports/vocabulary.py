@@ -1,4 +1,4 @@
-"""The one event vocabulary every webhook source is normalised into (SPEC section 8)."""
+"""The one event vocabulary every source of reports is normalised into (SPEC section 8)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mailer.webhooks.errors import BodyTooLarge
+from mailer.webhooks._support.errors import BodyTooLarge
 
 #: Largest JSON webhook body accepted (SendGrid batches stay far below it).
 MAX_BODY = 1024 * 1024
