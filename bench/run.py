@@ -3,7 +3,10 @@
 ``make bench`` (or ``.venv/bin/python bench/run.py``; ``--quick`` for a short run) starts
 its own Redis, sinks, API and workers on 127.0.0.1, runs every scenario several times and
 prints one table of medians: messages per second, the ratio to the raw blast of the same
-run, CPU microseconds per message per process group, and peak RSS.
+run, CPU microseconds per message per process group, and peak RSS. The ``deployment``
+scenario (bench/deployment.py) runs the Procfile's processes as shipped, DKIM on, and is
+summarised on its own: raw blast, naive peer, single sends and campaign side by side, and
+the latency from acceptance to the sink's 250 at half load.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import redis
 
-from bench import campaign, peers, pipeline
+from bench import campaign, deployment, peers, pipeline
 from bench.procs import ROOT, BenchError, machine_busy_seconds, python
 from bench.stack import GROUPS, Config, Measurement
 from tests.services import RedisServer
@@ -123,9 +126,10 @@ def _fmt(value: object, digits: int = 0) -> str:
 
 def table(rows: list[dict[str, object]]) -> str:
     """The Markdown table printed at the end (and pasted into the README)."""
-    head = ("| scenario | sink | msg/s | x ceiling | x naive | CPU us/msg worker | API | Redis "
-            "| sink | peak RSS MiB worker | API | Redis | sink |")
-    lines = [head, "|" + "---|" * 14]
+    names = [{"api": "API", "redis": "Redis"}.get(g, g) for g in GROUPS]
+    head = ("| scenario | sink | msg/s | x ceiling | x naive | CPU us/msg " + " | ".join(names)
+            + " | peak RSS MiB " + " | ".join(names) + " |")
+    lines = [head, "|" + "---|" * (5 + 2 * len(GROUPS))]
     for r in rows:
         lines.append(
             f"| {r['scenario']} | {r['sink']} | {_fmt(r['rate'])} | {_fmt(r['ratio'], 2)} "
@@ -134,6 +138,44 @@ def table(rows: list[dict[str, object]]) -> str:
             + "".join(f"| {_fmt(r[f'rss_{g}'])} " for g in GROUPS)
             + "|"
         )
+    return "\n".join(lines)
+
+
+def deployment_summary(results: list[Measurement], sink: str) -> str:
+    """The default deployment next to the blast and the naive peer, one run per column."""
+    runs: dict[str, list[Measurement]] = {}
+    for m in results:
+        if m.sink == sink:
+            runs.setdefault(m.scenario, []).append(m)
+    blasts, naives = runs.get("raw blast", []), runs.get("naive peer", [])
+    lines = [f"Default deployment (Procfile web, worker, scheduler as shipped; DKIM on), "
+             f"{sink} sink; medians over runs, ratios within each run:"]
+    for name in ("raw blast", "naive peer", "deployment: single sends", "deployment: campaign",
+                 "deployment: 50 % load"):
+        mine = runs.get(name, [])
+        if not mine:
+            continue
+        ratio = [m.rate / b.rate for m, b in zip(mine, blasts, strict=False)]
+        naive = [m.rate / n.rate for m, n in zip(mine, naives, strict=False)]
+        cpu = ", ".join(
+            f"{g} {_median(values):,.0f}" for g in GROUPS
+            if (values := [c for m in mine if (c := m.cpu_us(g)) is not None])
+        )
+        line = f"  {name:<26} {_median([m.rate for m in mine]):>8,.0f} msg/s"
+        if ratio and name != "raw blast":
+            line += f"  {_median(ratio):.2f}x blast"
+        if naive and name != "naive peer":
+            line += f"  {_median(naive):.1f}x naive"
+        lines.append(line)
+        if name.startswith("deployment"):
+            lines.append(f"  {'':<26} CPU us/msg: {cpu}")
+        latency = [m.latency for m in mine if m.latency]
+        if latency:
+            lines.append(
+                f"  {'':<26} latency 202 -> 250 at {_median([x['offered'] for x in latency]):,.0f}"
+                f" msg/s offered: p50 {_median([x['p50_ms'] for x in latency]):,.1f} ms, "
+                f"p99 {_median([x['p99_ms'] for x in latency]):,.1f} ms"
+            )
     return "\n".join(lines)
 
 
@@ -171,9 +213,11 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=2, help="concurrent API clients")
     parser.add_argument("--sinks", default="fast,aiosmtpd",
                         help="comma-separated: fast, aiosmtpd")
-    parser.add_argument("--scenarios", default="blast,pipeline,campaign,naive",
-                        help="comma-separated: blast, pipeline, campaign, naive; also drain "
-                             "(workers alone) and fanout (bench/campaign_fanout.py)")
+    parser.add_argument("--scenarios", default="blast,pipeline,campaign,naive,deployment",
+                        help="comma-separated: blast, pipeline, campaign, naive, deployment "
+                             "(the Procfile as shipped, on the first sink; adds blast and "
+                             "naive there); also drain (workers alone) and fanout "
+                             "(bench/campaign_fanout.py)")
     parser.add_argument("--blast-uvloop", action="store_true",
                         help="run the blast on uvloop instead of the asyncio loop")
     parser.add_argument("--no-wait-quiet", action="store_true",
@@ -212,7 +256,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                      profile_mode=args.profile_mode,
                      timeline=args.timeline)
         client = redis.Redis.from_url(server.url)
-        plan: list[tuple[str, str, Callable[[Config, str, int], Measurement]]] = []
+        plan: list[tuple[str, str, Callable[[Config, str, int],
+                                             Measurement | list[Measurement]]]] = []
+        if "deployment" in scenarios and sinks:
+            # Its summary compares with the blast and the naive peer of the same run.
+            scenarios += [s for s in ("blast", "naive") if s not in scenarios]
         for sink in sinks:
             if "blast" in scenarios:
                 plan.append(("raw blast", sink, lambda c, s, i: peers.blast(
@@ -223,18 +271,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 plan.append(("worker drain", sink, pipeline.drain))
             if "campaign" in scenarios:
                 plan.append(("campaign", sink, campaign.run))
-            if "naive" in scenarios and sink == "fast":
+            if "naive" in scenarios and sink in ("fast", sinks[0]):
                 plan.append(("naive peer", sink, peers.naive))
+            if "deployment" in scenarios and sink == sinks[0]:
+                plan.append(("deployment", sink, deployment.run))
         for index in range(args.runs):
-            for name, sink, scenario in plan:
+            for _name, sink, scenario in plan:
                 client.flushall()
                 if not args.no_wait_quiet:
                     wait_quiet()
-                m = scenario(replace(cfg), sink, index)
-                results.append(m)
-                print(f"run {index + 1}/{args.runs} {name:<12} {sink:<8} {m.delivered:>6} msgs "
-                      f"in {m.seconds:6.2f} s = {m.rate:7.0f} msg/s "
-                      f"(other load {m.background:.2f} cores)", flush=True)
+                outcome = scenario(replace(cfg), sink, index)
+                for m in outcome if isinstance(outcome, list) else [outcome]:
+                    results.append(m)
+                    print(f"run {index + 1}/{args.runs} {m.scenario:<12} {sink:<8} "
+                          f"{m.delivered:>6} msgs in {m.seconds:6.2f} s = {m.rate:7.0f} msg/s "
+                          f"(other load {m.background:.2f} cores)", flush=True)
         client.close()
     except BenchError as exc:
         print(f"benchmark failed: {exc}\n(work files kept in {work})", file=sys.stderr)
@@ -255,6 +306,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes = sorted({f"{r['scenario']}: {r['note']}" for r in rows if r["note"]})
     for note in notes:
         print(f"  {note}")
+    if "deployment" in scenarios and sinks:
+        print()
+        print(deployment_summary(results, sinks[0]))
     loaded = max((float(str(r["background"])) for r in rows), default=0.0)
     if loaded > BACKGROUND_WARN:
         print(f"  WARNING: other processes used up to {loaded:.2f} cores during a run; "

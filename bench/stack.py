@@ -24,8 +24,9 @@ from bench.procs import (
 )
 from bench.sinks import read_status
 
-#: The process groups every row reports, in table order.
-GROUPS = ("worker", "api", "redis", "sink")
+#: The process groups every row reports, in table order ("scheduler": the default
+#: deployment's scheduler process, which fans campaigns out there).
+GROUPS = ("worker", "api", "scheduler", "redis", "sink")
 #: Seconds between two samples of ``--timeline``.
 TIMELINE_STEP = 0.5
 
@@ -65,6 +66,8 @@ class Measurement:
     note: str = ""
     #: Cores' worth of CPU used meanwhile by processes outside the measured groups.
     background: float = 0.0
+    #: Acceptance-to-250 latency figures (``p50_ms``, ``p99_ms``, ...), when measured.
+    latency: dict[str, float] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -81,14 +84,15 @@ class Measurement:
 class Sink:
     """A sink subprocess on a free loopback port, read through its status file."""
 
-    def __init__(self, kind: str, directory: Path) -> None:
+    def __init__(self, kind: str, directory: Path, arrivals: Path | None = None) -> None:
         self.kind = kind
         self.port = free_port()
         self.status = directory / f"sink-{kind}-{self.port}.status"
+        extra = ["--arrivals", str(arrivals)] if arrivals is not None else []
         self.proc = Proc(
             f"{kind} sink",
             [python(), str(Path(__file__).resolve().parent / "sinks.py"), "--kind", kind,
-             "--port", str(self.port), "--status-file", str(self.status)],
+             "--port", str(self.port), "--status-file", str(self.status), *extra],
             log=directory / f"sink-{kind}.log",
         )
         wait_until(f"{kind} sink start", lambda: self._up(), 15)

@@ -6,7 +6,7 @@ import ipaddress
 import os
 import re
 import sys
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -19,6 +19,9 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 #: Used only when ``MAILER_ENV`` is ``development`` or ``test`` and no key is set.
 DEVELOPMENT_SECRET_KEY = "development-only-secret-key-do-not-use-in-production"  # noqa: S105
+
+#: URL schemes of the brokers dramatiq can use here (SPEC 10).
+BROKER_SCHEMES = ("redis://", "rediss://", "unix://", "amqp://", "amqps://")
 
 _DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -42,50 +45,15 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-_ENV_LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$")
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    """Parse a ``.env`` file: ``NAME=value`` lines, ``#`` comments, optional quotes.
-
-    No interpolation and no escapes: the file ``make run`` writes holds plain values, and
-    a shell can ``source`` it too (values with spaces are single-quoted).
-    """
-    values: dict[str, str] = {}
-    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        match = _ENV_LINE.match(line)
-        if match is None:
-            raise ConfigError(f"{path}:{number}: not a NAME=value line")
-        name, value = match.groups()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        values[name] = value
-    return values
-
-
-def load_env_file(path: Path, environ: MutableMapping[str, str] | None = None) -> bool:
-    """Add the variables of ``path`` to the environment, never replacing one already set.
-
-    Returns whether the file existed. A variable exported in the shell wins over the file,
-    so ``MAILER_SMTP_PORT=2526 mailer sink`` does what it says.
-    """
-    env = os.environ if environ is None else environ
-    if not path.is_file():
-        return False
-    for name, value in read_env_file(path).items():
-        env.setdefault(name, value)
-    return True
-
-
 @dataclass(frozen=True)
 class Settings:
     """Typed configuration; build it with :meth:`from_environ`."""
 
     database_url: str = "sqlite:///var/mailer.db"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    #: SPEC 10: the dramatiq broker, ``redis://`` or ``amqp://`` (RabbitMQ); empty means
+    #: ``redis_url``. Redis stays required besides it (pacing, metrics, key use).
+    broker_url: str = ""
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 1025
     smtp_username: str | None = None
@@ -100,6 +68,8 @@ class Settings:
     reply_to: str | None = None
     postal_address: str | None = None
     policy_version: str = "1"
+    #: SPEC 14: the language of templates' default versions (a BCP 47 tag).
+    default_locale: str = "en"
     service_alert_limit: int = 3
     service_alert_window: timedelta = timedelta(days=7)
     soft_bounce_limit: int = 3
@@ -111,6 +81,8 @@ class Settings:
     max_attempts: int = 8
     retry_base: timedelta = timedelta(seconds=30)
     sink_dir: Path = Path("var/sink")
+    #: ``mailer dev``: the loopback port of the sink's web view of captured mail.
+    sink_view_port: int = 8025
     env: str = "production"
     webhooks: Mapping[str, str] = field(default_factory=dict)
     dkim_domain: str | None = None
@@ -137,6 +109,17 @@ class Settings:
     return_path: str | None = None
     #: Where mail to ``postmaster@`` the inbound domain is kept for a person (a Maildir).
     postmaster_dir: Path = Path("var/postmaster")
+    #: SPEC 7: the bearer token ``/metrics`` requires; None leaves it open.
+    metrics_token: str | None = None
+    #: SPEC 13: let outbound event webhooks target loopback and private addresses.
+    webhook_allow_private: bool = False
+    #: SPEC 13: first retry delay of a failing event webhook endpoint (doubles per failure).
+    webhook_retry_base: timedelta = timedelta(seconds=30)
+
+    def __post_init__(self) -> None:
+        if not self.broker_url:
+            # Frozen: the default is filled in once, here, so every reader sees one URL.
+            object.__setattr__(self, "broker_url", self.redis_url)
 
     @classmethod
     def from_environ(
@@ -193,6 +176,7 @@ class Settings:
         return cls(
             database_url=get("DATABASE_URL", cls.database_url) or cls.database_url,
             redis_url=get("REDIS_URL", cls.redis_url) or cls.redis_url,
+            broker_url=get("BROKER_URL", "") or "",
             smtp_host=smtp_host,
             smtp_port=get_int("SMTP_PORT", 1025),
             smtp_username=get("SMTP_USERNAME"),
@@ -207,6 +191,7 @@ class Settings:
             reply_to=get("REPLY_TO"),
             postal_address=get("POSTAL_ADDRESS"),
             policy_version=get("POLICY_VERSION", "1") or "1",
+            default_locale=get("DEFAULT_LOCALE", "en") or "en",
             service_alert_limit=get_int("SERVICE_ALERT_LIMIT", 3),
             service_alert_window=get_duration("SERVICE_ALERT_WINDOW", timedelta(days=7)),
             soft_bounce_limit=get_int("SOFT_BOUNCE_LIMIT", 3),
@@ -218,6 +203,7 @@ class Settings:
             max_attempts=get_int("MAX_ATTEMPTS", 8),
             retry_base=get_duration("RETRY_BASE", timedelta(seconds=30)),
             sink_dir=Path(get("SINK_DIR", "var/sink") or "var/sink"),
+            sink_view_port=get_int("SINK_VIEW_PORT", 8025),
             env=mode,
             webhooks=webhooks,
             dkim_domain=get("DKIM_DOMAIN"),
@@ -235,6 +221,9 @@ class Settings:
             bounce_poll_interval=get_duration("BOUNCE_POLL_INTERVAL", timedelta(minutes=1)),
             return_path=_return_path(get("RETURN_PATH")),
             postmaster_dir=Path(get("POSTMASTER_DIR", "var/postmaster") or "var/postmaster"),
+            metrics_token=get("METRICS_TOKEN"),
+            webhook_allow_private=_flag("WEBHOOK_ALLOW_PRIVATE", get("WEBHOOK_ALLOW_PRIVATE")),
+            webhook_retry_base=get_duration("WEBHOOK_RETRY_BASE", timedelta(seconds=30)),
         )
 
 
@@ -311,8 +300,14 @@ def check(settings: Settings) -> None:
                 parse_sender(value)
             except ConfigError as exc:
                 raise ConfigError(f"MAILER_{name}: {exc}") from None
+    if not re.fullmatch(r"[A-Za-z]{2,3}(?:-[A-Za-z0-9]{1,8})*", settings.default_locale):
+        raise ConfigError(f"MAILER_DEFAULT_LOCALE {settings.default_locale!r} is not a "
+                          "language tag (write it like en, de or pt-BR)")
     if not 0 < settings.smtp_port < 65536:
         raise ConfigError(f"MAILER_SMTP_PORT must be 1-65535, not {settings.smtp_port}")
+    if not 0 < settings.sink_view_port < 65536:
+        raise ConfigError(
+            f"MAILER_SINK_VIEW_PORT must be 1-65535, not {settings.sink_view_port}")
     for name, number in (("SMTP_POOL_SIZE", settings.smtp_pool_size),
                          ("MAX_ATTEMPTS", settings.max_attempts)):
         if number < 1:
@@ -320,9 +315,13 @@ def check(settings: Settings) -> None:
     for name, duration in (("SMTP_TIMEOUT", timedelta(seconds=settings.smtp_timeout)),
                            ("SEND_LEASE", settings.send_lease),
                            ("SWEEP_INTERVAL", settings.sweep_interval),
-                           ("RETRY_BASE", settings.retry_base)):
+                           ("RETRY_BASE", settings.retry_base),
+                           ("WEBHOOK_RETRY_BASE", settings.webhook_retry_base)):
         if duration <= timedelta(0):
             raise ConfigError(f"MAILER_{name} must be longer than 0")
+    if not settings.broker_url.startswith(BROKER_SCHEMES):
+        raise ConfigError("MAILER_BROKER_URL must be a redis:// (rediss://, unix://) or "
+                          "amqp:// (amqps://) URL")
     if not settings.public_url.startswith(("https://", "http://")):
         raise ConfigError("MAILER_PUBLIC_URL must start with https:// (or http://)")
     if not settings.templates_dir.is_dir():

@@ -6,15 +6,18 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 
+from redis import Redis
 from sqlalchemy import Engine
 
 from mailer.config import Settings
+from mailer.keys import KeyUsage
 from mailer.mail.headers import parse_sender
 from mailer.mail.stored import StoredTemplates
 from mailer.mail.templates import Catalogue
 from mailer.preferences.tokens import TokenSigner
-from mailer.sending.queue import Enqueuer, RedisEnqueuer
+from mailer.sending.queue import BrokerEnqueuer, Enqueuer
 from mailer.store.db import make_engine
 from mailer.store.recipients import Address
 from mailer.times import utcnow
@@ -53,14 +56,31 @@ class Runtime:
             self.catalogue.fallback = StoredTemplates(self.engine)
 
     @classmethod
-    def from_settings(cls, settings: Settings, enqueuer: Enqueuer | None = None) -> Runtime:
-        """Connect the real adapters."""
+    def from_settings(cls, settings: Settings, enqueuer: Enqueuer | None = None, *,
+                      pool_size: int | None = None) -> Runtime:
+        """Connect the real adapters; ``pool_size`` caps the process's database connections."""
         return cls(
             settings=settings,
-            engine=make_engine(settings.database_url),
+            engine=make_engine(settings.database_url, pool_size=pool_size),
             catalogue=Catalogue(settings.templates_dir),
-            enqueuer=enqueuer if enqueuer is not None else RedisEnqueuer(settings.redis_url),
+            enqueuer=enqueuer if enqueuer is not None else BrokerEnqueuer(settings.broker_url),
         )
+
+    @cached_property
+    def redis(self) -> Redis[bytes]:
+        """A client of ``MAILER_REDIS_URL`` for what every process shares (key use, metrics).
+
+        It connects on its first command; short timeouts, because nothing it holds is worth
+        holding up a request for.
+        """
+        client: Redis[bytes] = Redis.from_url(self.settings.redis_url, socket_timeout=2,
+                                              socket_connect_timeout=2)
+        return client
+
+    @cached_property
+    def key_usage(self) -> KeyUsage:
+        """Last-use times of API keys (``GET /v1/keys``), recorded at most once a minute."""
+        return KeyUsage(self.redis)
 
     def address(self, raw: str) -> Address:
         """Validate and normalise an address; raises ``InvalidAddressError``."""

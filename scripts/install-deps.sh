@@ -68,10 +68,10 @@ apt_update_once() {
     fi
 }
 
-# Debian's maintainer scripts start a freshly installed redis/postgres/postfix/dovecot on
-# the default ports (6379/5432/25/143) through invoke-rc.d. We run our own instances on
-# our own ports and dirs, so a temporary policy-rc.d (exit 101 = "action forbidden") keeps
-# those services from starting.
+# Debian's maintainer scripts start a freshly installed redis/postgres/postfix/dovecot/
+# rabbitmq on the default ports (6379/5432/25/143/5672) through invoke-rc.d. We run our
+# own instances on our own ports and dirs, so a temporary policy-rc.d (exit 101 = "action
+# forbidden") keeps those services from starting.
 # An existing policy-rc.d (Docker images ship one) is left exactly as it is.
 POLICY=/usr/sbin/policy-rc.d
 our_policy=0
@@ -104,6 +104,9 @@ if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; th
 fi
 if [ "$with_test" -eq 1 ]; then
     postgres_bin_present || missing+=(postgresql)
+    # RabbitMQ, the other broker (MAILER_BROKER_URL=amqp://); tests/services.py runs a private
+    # node with its own ports and epmd, so the packaged service must not start (policy-rc.d).
+    [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server)
     command -v chromium >/dev/null || missing+=(chromium)
     # A real Postfix relay for tests/relays.py, with Dovecot's auth service for SMTP AUTH
     # (both live in /usr/sbin, which a non-root PATH may lack).
@@ -111,6 +114,8 @@ if [ "$with_test" -eq 1 ]; then
     [ -x /usr/sbin/dovecot ] || missing+=(dovecot-core)
     # A real IMAP server for the bounce-mailbox poller's tests (tests/imap_server.py).
     [ -x /usr/lib/dovecot/imap ] || missing+=(dovecot-imapd)
+    # SpamAssassin's local rules score every shipped template (tests/scenarios/test_spam_score.py).
+    [ -x /usr/bin/spamassassin ] || missing+=(spamassassin)
 fi
 if [ "${#missing[@]}" -gt 0 ]; then
     apt_install "${missing[@]}"

@@ -3,8 +3,9 @@
 # API + worker + scheduler + capturing SMTP sink in the foreground until Ctrl-C.
 #
 # Ports come from the environment (SPEC 10): MAILER_REDIS_URL (default
-# redis://127.0.0.1:6379/0), PORT (the API, default 8000, as in the Procfile) and
-# MAILER_SMTP_PORT (the sink, default 1025). A port held by anything but this checkout's own
+# redis://127.0.0.1:6379/0), PORT (the API, default 8000, as in the Procfile),
+# MAILER_SMTP_PORT (the sink, default 1025) and MAILER_SINK_VIEW_PORT (the sink's web view of
+# the captured mail, default 8025 as MailHog's). A port held by anything but this checkout's own
 # Redis (the one keeping its data in var/redis) is reported in one line naming the variable
 # to set, and nothing starts: reusing a stranger's Redis would mix our queue into its data.
 #
@@ -24,11 +25,13 @@ export MAILER_REDIS_URL="${MAILER_REDIS_URL:-redis://127.0.0.1:6379/0}"
 export MAILER_DATABASE_URL="${MAILER_DATABASE_URL:-sqlite:///${root}/var/mailer.db}"
 export MAILER_SMTP_HOST="${MAILER_SMTP_HOST:-127.0.0.1}"
 export MAILER_SMTP_PORT="${MAILER_SMTP_PORT:-1025}"
+export MAILER_SINK_VIEW_PORT="${MAILER_SINK_VIEW_PORT:-8025}"
 api_port="${PORT:-8000}"
 export MAILER_PUBLIC_URL="${MAILER_PUBLIC_URL:-http://127.0.0.1:${api_port}}"
 
 fail() { echo "make run: $*" >&2; exit 1; }
-for pair in "PORT=$api_port" "MAILER_SMTP_PORT=$MAILER_SMTP_PORT"; do
+for pair in "PORT=$api_port" "MAILER_SMTP_PORT=$MAILER_SMTP_PORT" \
+            "MAILER_SINK_VIEW_PORT=$MAILER_SINK_VIEW_PORT"; do
     value=${pair#*=}
     [[ "$value" =~ ^[0-9]+$ ]] && [ "$value" -ge 1 ] && [ "$value" -le 65535 ] \
         || fail "${pair%%=*} must be a port number, not '$value'"
@@ -109,6 +112,9 @@ fi
 port_taken "$api_port" && clash "$api_port" "another program (wanted for the API)" PORT "PORT=%s"
 port_taken "$MAILER_SMTP_PORT" && clash "$MAILER_SMTP_PORT" \
     "another program (wanted for the SMTP sink)" MAILER_SMTP_PORT "MAILER_SMTP_PORT=%s"
+port_taken "$MAILER_SINK_VIEW_PORT" && clash "$MAILER_SINK_VIEW_PORT" \
+    "another program (wanted for the sink's web view)" MAILER_SINK_VIEW_PORT \
+    "MAILER_SINK_VIEW_PORT=%s"
 
 # --- .env for the commands of a second terminal ----------------------------------------
 marker='# Written by `make run`'
@@ -119,7 +125,8 @@ else
         echo "$marker on each start (scripts/run.sh): the development settings that \`mailer\`"
         echo "# commands run in this directory read. A variable set in the shell wins over it."
         for name in MAILER_ENV MAILER_DATABASE_URL MAILER_REDIS_URL MAILER_SMTP_HOST \
-                    MAILER_SMTP_PORT MAILER_PUBLIC_URL MAILER_POSTAL_ADDRESS; do
+                    MAILER_SMTP_PORT MAILER_SINK_VIEW_PORT MAILER_PUBLIC_URL \
+                    MAILER_POSTAL_ADDRESS; do
             printf "%s='%s'\n" "$name" "${!name}"
         done
     } >.env.tmp

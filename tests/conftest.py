@@ -22,8 +22,10 @@ import pytest
 
 from tests.services import (
     PostgresServer,
+    RabbitMQServer,
     RedisServer,
     postgres_available,
+    rabbitmq_available,
     redis_server_available,
     require,
 )
@@ -57,6 +59,14 @@ def redis_server() -> Iterator[RedisServer]:
     """A private redis-server with AOF persistence."""
     require("redis-server", redis_server_available(), "redis-server is not installed")
     with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_server() -> Iterator[RabbitMQServer]:
+    """A private rabbitmq-server (the other broker, ``MAILER_BROKER_URL=amqp://``)."""
+    require("rabbitmq-server", rabbitmq_available(), "rabbitmq-server is not installed")
+    with RabbitMQServer() as server:
         yield server
 
 

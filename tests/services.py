@@ -506,3 +506,199 @@ def _temp_base(as_root: bool) -> str:
         if not os.stat(path).st_mode & 0o001:
             return "/tmp"  # world-traversable (mode 1777) on Debian
     return str(base)
+
+
+#: Where Debian installs RabbitMQ's own start script (the /usr/sbin one switches user).
+RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
+#: RabbitMQ boots an Erlang VM and recovers its queues before it listens (seconds).
+RABBITMQ_START_TIMEOUT = 60.0
+#: How long a graceful RabbitMQ shutdown may take before it is killed (seconds).
+RABBITMQ_STOP_TIMEOUT = 30.0
+#: The first bytes of every AMQP 0-9-1 connection (its protocol header).
+_AMQP_HEADER = b"AMQP\x00\x00\x09\x01"
+
+
+def rabbitmq_available() -> bool:
+    """Tell whether RabbitMQ and Erlang's port mapper (epmd) are installed."""
+    return RABBITMQ_SERVER.exists() and shutil.which("epmd") is not None
+
+
+class RabbitMQServer:
+    """A private ``rabbitmq-server`` on 127.0.0.1, with its own data dir and ports.
+
+    Every port is its own: AMQP, Erlang distribution, and a private ``epmd`` (Erlang's
+    port mapper, which the server would otherwise look for, or start detached, on the
+    shared port 4369). The node name carries the AMQP port, so two test runs never meet.
+    Both the server (its process group: a shell wrapper and the Erlang VM) and the epmd
+    are started and stopped by PID.
+    """
+
+    def __init__(self) -> None:
+        """Prepare (not start) a server on free ports in a new temp dir."""
+        self.port = free_port()
+        self.dist_port = free_port()
+        self.epmd_port = free_port()
+        self.directory = Path(tempfile.mkdtemp(prefix="mailer-rabbitmq-"))
+        self.nodename = f"mailer-test-{self.port}@localhost"
+        self._process: subprocess.Popen[bytes] | None = None
+        self._epmd: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """The ``amqp://`` URL of the default virtual host (guest may log in on loopback)."""
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+
+    @property
+    def log_path(self) -> Path:
+        """The node's main log file."""
+        return self.directory / "log" / f"{self.nodename}.log"
+
+    def _environment(self) -> dict[str, str]:
+        base = self.directory
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
+        env.update({
+            "HOME": str(base),  # the Erlang cookie is written here
+            "RABBITMQ_NODENAME": self.nodename,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "ERL_EPMD_PORT": str(self.epmd_port),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+            "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(base / "log"),
+            "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
+            "RABBITMQ_CONF_ENV_FILE": str(base / "rabbitmq-env.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
+            "RABBITMQ_PLUGINS_EXPAND_DIR": str(base / "plugins-expand"),
+            "RABBITMQ_PID_FILE": str(base / "rabbitmq.pid"),
+            # The distribution listener (used by rabbitmqctl) on loopback only.
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+        })
+        return env
+
+    def _configure(self) -> None:
+        base = self.directory
+        (base / "rabbitmq.conf").write_text(
+            f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
+            # The default 50 MB free-disk alarm would block publishers on a nearly full /tmp.
+            "disk_free_limit.absolute = 1MB\n"
+        )
+        (base / "rabbitmq-env.conf").write_text("")  # not /etc/rabbitmq's
+        (base / "enabled_plugins").write_text("[].\n")
+
+    def start(self) -> RabbitMQServer:
+        """Start epmd and the server, and wait until AMQP answers; return self."""
+        if self._process is not None and self._process.poll() is None:
+            return self
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._configure()
+        if self not in _LIVE:
+            _LIVE.append(self)
+        if self._epmd is None or self._epmd.poll() is not None:
+            self._epmd = subprocess.Popen(
+                ["epmd", "-port", str(self.epmd_port), "-address", "127.0.0.1"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, start_new_session=True,
+            )
+        # Its own session: kill() signals the group (the script and the Erlang VM it runs).
+        with (self.directory / "server.out").open("ab") as out:
+            self._process = subprocess.Popen(
+                [str(RABBITMQ_SERVER)], cwd=self.directory, env=self._environment(),
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        assert self._process is not None
+        deadline = time.monotonic() + RABBITMQ_START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                code = self._process.returncode
+                raise ServiceError(f"rabbitmq-server exited with {code}:\n"
+                                   f"{_tail(self.directory / 'server.out')}\n"
+                                   f"{_tail(self.log_path)}")
+            if self._answers_amqp():
+                return
+            time.sleep(0.1)
+        self.kill()
+        raise ServiceError(f"rabbitmq-server did not answer within {RABBITMQ_START_TIMEOUT} s:"
+                           f"\n{_tail(self.log_path)}")
+
+    def _answers_amqp(self) -> bool:
+        # The server answers a protocol header with a Connection.Start method frame
+        # (frame type 1, channel 0) once it accepts clients.
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(_AMQP_HEADER)
+                return sock.recv(3) == b"\x01\x00\x00"
+        except OSError:
+            return False
+
+    @property
+    def pid(self) -> int:
+        """The PID of the server's process group leader (the start script)."""
+        if self._process is None or self._process.poll() is not None:
+            raise ServiceError("rabbitmq-server is not running")
+        return self._process.pid
+
+    def stop(self) -> None:
+        """Stop the server gracefully (SIGTERM: the script stops the node), else kill it."""
+        process = self._process
+        if process is None:
+            return
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(RABBITMQ_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._process = None
+
+    def kill(self) -> None:
+        """SIGKILL the server's process group, as a crash would; data stays for a restart."""
+        process = self._process
+        if process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        # The Erlang VM is the script's child in the same group; wait until it is gone so
+        # a restart can take its ports and its data dir.
+        self._process = None
+        deadline = time.monotonic() + DEFAULT_STOP_TIMEOUT
+        while time.monotonic() < deadline and self._answers_amqp():
+            time.sleep(0.05)
+
+    def restart(self) -> RabbitMQServer:
+        """Stop gracefully and start again on the same ports and data dir."""
+        self.stop()
+        return self.start()
+
+    def close(self) -> None:
+        """Stop the server and its epmd, and remove the temp dir."""
+        self.stop()
+        epmd = self._epmd
+        if epmd is not None and epmd.poll() is None:
+            epmd.terminate()
+            try:
+                epmd.wait(DEFAULT_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                epmd.kill()
+                epmd.wait()
+        self._epmd = None
+        if self in _LIVE:
+            _LIVE.remove(self)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> RabbitMQServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -165,9 +165,9 @@ def test_make_run_on_chosen_ports_serves_a_first_message_and_stops_on_one_ctrl_c
 ) -> None:
     # Given ports chosen through the environment the README names
     root = checkout(tmp_path)
-    redis_port, api_port, smtp_port = distinct_free_ports(3)
+    redis_port, api_port, smtp_port, view_port = distinct_free_ports(4)
     env = clean_env(MAILER_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0", PORT=str(api_port),
-                    MAILER_SMTP_PORT=str(smtp_port))
+                    MAILER_SMTP_PORT=str(smtp_port), MAILER_SINK_VIEW_PORT=str(view_port))
     run = Started(["bash", "scripts/run.sh"], root, env, tmp_path / "run.log")
     redis_pid = 0
     try:
@@ -184,6 +184,7 @@ def test_make_run_on_chosen_ports_serves_a_first_message_and_stops_on_one_ctrl_c
         for line in ("MAILER_ENV='development'",
                      f"MAILER_REDIS_URL='redis://127.0.0.1:{redis_port}/0'",
                      f"MAILER_SMTP_PORT='{smtp_port}'",
+                     f"MAILER_SINK_VIEW_PORT='{view_port}'",
                      f"MAILER_PUBLIC_URL='http://127.0.0.1:{api_port}'",
                      f"MAILER_DATABASE_URL='sqlite:///{root.resolve()}/var/mailer.db'"):
             assert line in dotenv.splitlines()
@@ -204,6 +205,10 @@ def test_make_run_on_chosen_ports_serves_a_first_message_and_stops_on_one_ctrl_c
         sink = root / "var" / "sink"
         emls = wait_for(lambda: list(sink.glob("*.eml")) if sink.is_dir() else [], timeout=30)
         assert b"ada@example.com" in emls[0].read_bytes()
+        # And the sink's web view, at the URL it printed, lists it
+        view = f"http://127.0.0.1:{view_port}/"
+        assert f"captured mail at {view}" in run.text()
+        assert "ada@example.com" in httpx.get(view, timeout=5).text
 
         def status() -> str:
             got = httpx.get(f"{base}/v1/messages/{posted.json()['id']}", headers=auth, timeout=5)
@@ -237,17 +242,20 @@ def listener() -> socket.socket:
 
 
 @pytest.mark.usefixtures("need_redis")
-@pytest.mark.parametrize("taken", ["MAILER_REDIS_URL", "PORT", "MAILER_SMTP_PORT"])
+@pytest.mark.parametrize("taken", ["MAILER_REDIS_URL", "PORT", "MAILER_SMTP_PORT",
+                                   "MAILER_SINK_VIEW_PORT"])
 def test_make_run_refuses_a_port_another_program_holds(tmp_path: Path, taken: str) -> None:
     # Given another program listening on the port one variable names
     root = checkout(tmp_path)
-    redis_port, api_port, smtp_port = distinct_free_ports(3)
+    redis_port, api_port, smtp_port, view_port = distinct_free_ports(4)
     with listener() as stranger:
         busy = stranger.getsockname()[1]
-        ports = {"MAILER_REDIS_URL": redis_port, "PORT": api_port, "MAILER_SMTP_PORT": smtp_port}
+        ports = {"MAILER_REDIS_URL": redis_port, "PORT": api_port, "MAILER_SMTP_PORT": smtp_port,
+                 "MAILER_SINK_VIEW_PORT": view_port}
         ports[taken] = busy
         env = clean_env(MAILER_REDIS_URL=f"redis://127.0.0.1:{ports['MAILER_REDIS_URL']}/0",
-                        PORT=str(ports["PORT"]), MAILER_SMTP_PORT=str(ports["MAILER_SMTP_PORT"]))
+                        PORT=str(ports["PORT"]), MAILER_SMTP_PORT=str(ports["MAILER_SMTP_PORT"]),
+                        MAILER_SINK_VIEW_PORT=str(ports["MAILER_SINK_VIEW_PORT"]))
         # When make run starts
         done = subprocess.run(["bash", "scripts/run.sh"], cwd=root, env=env, text=True,
                               capture_output=True, timeout=60, start_new_session=True)
@@ -315,10 +323,11 @@ def test_make_run_on_another_port_names_the_redis_an_earlier_run_left(tmp_path: 
 
 def dev_env(tmp_path: Path, redis_url: str) -> tuple[dict[str, str], int]:
     """A development environment for ``mailer dev`` on free ports; returns it and the API port."""
-    api_port, smtp_port = distinct_free_ports(2)
+    api_port, smtp_port, view_port = distinct_free_ports(3)
     return clean_env(MAILER_ENV="development", MAILER_REDIS_URL=redis_url,
                      MAILER_DATABASE_URL=f"sqlite:///{tmp_path / 'dev.db'}",
-                     MAILER_SMTP_PORT=str(smtp_port), PORT=str(api_port)), api_port
+                     MAILER_SMTP_PORT=str(smtp_port), PORT=str(api_port),
+                     MAILER_SINK_VIEW_PORT=str(view_port)), api_port
 
 
 def test_mailer_dev_passes_one_sigterm_on_and_stops_gracefully(

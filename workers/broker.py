@@ -6,8 +6,9 @@ Nothing happens on import: the worker's entry point (:mod:`workers.actors`) call
 
 from __future__ import annotations
 
+from typing import Any
+
 import dramatiq
-from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import (
     AgeLimit,
     Callbacks,
@@ -18,15 +19,17 @@ from dramatiq.middleware import (
 )
 
 from mailer.config import Settings
+from mailer.sending.queue import make_broker
 
 
-def set_broker(settings: Settings) -> RedisBroker:
-    """Make a Redis broker for ``settings.redis_url`` dramatiq's global one, and return it."""
+def set_broker(settings: Settings) -> Any:
+    """Make the broker of ``MAILER_BROKER_URL`` (Redis or RabbitMQ) dramatiq's global one,
+    and return it."""
     # Retries stay installed with max_retries=0 on our actors: the database's attempt
     # counter and the outbox sweeper own retrying, because a SIGKILLed worker skips
     # dramatiq's count.
-    broker = RedisBroker(  # type: ignore[no-untyped-call]
-        url=settings.redis_url,
+    broker = make_broker(
+        settings.broker_url,
         middleware=[AgeLimit(), TimeLimit(), ShutdownNotifications(), Callbacks(), Pipelines(),
                     Retries(max_retries=0)],
     )

@@ -1,4 +1,5 @@
-"""The scheduler process: campaigns, the outbox sweeper and other periodic jobs, until stopped."""
+"""The scheduler process: campaigns, the outbox sweeper, event webhooks and other periodic
+jobs, until stopped."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from types import FrameType
 
 from mailer.campaigns.tick import tick as campaign_tick
 from mailer.config import Settings, load_or_exit
+from mailer.events.delivery import Deliverer
 from mailer.runtime import Runtime
 from mailer.sending.sweeper import sweep
 
@@ -17,6 +19,8 @@ log = logging.getLogger("mailer.scheduler")
 
 #: Seconds between campaign ticks (starts, paced batches, completion).
 CAMPAIGN_TICK = 0.25
+#: Seconds the event webhook thread waits when nothing was due (SPEC 13).
+WEBHOOK_POLL = 0.5
 
 
 def run(settings: Settings | None = None, stop: threading.Event | None = None) -> None:
@@ -29,6 +33,9 @@ def run(settings: Settings | None = None, stop: threading.Event | None = None) -
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
     rt = Runtime.from_settings(settings)
+    # Its own thread: a receiver taking its full 10 s must not hold up campaigns or sweeps.
+    threading.Thread(target=deliver_events, args=(rt, stop), name="event-webhooks",
+                     daemon=True).start()
     if settings.bounce_imap_url:
         threading.Thread(target=poll_bounces, args=(rt, stop), name="bounce-poller",
                          daemon=True).start()
@@ -60,6 +67,24 @@ def run(settings: Settings | None = None, stop: threading.Event | None = None) -
         if not busy:
             stop.wait(min(interval, CAMPAIGN_TICK))
     log.info("scheduler stopped")
+
+
+def deliver_events(rt: Runtime, stop: threading.Event) -> None:
+    """Deliver due outbound event webhooks (SPEC 13) until ``stop``; a busy pass goes on
+    at once, an idle one waits :data:`WEBHOOK_POLL` seconds."""
+    deliverer = Deliverer(rt)
+    while not stop.is_set():
+        busy = False
+        try:
+            report = deliverer.run_once()
+            busy = report.claimed > 0
+            if report.results:
+                log.debug("event webhooks: %s", ", ".join(
+                    f"{count} {result}" for result, count in sorted(report.results.items())))
+        except Exception as exc:  # a database outage: the next pass retries
+            log.warning("event webhook pass failed: %s", type(exc).__name__)
+        if not busy:
+            stop.wait(WEBHOOK_POLL)
 
 
 def poll_bounces(rt: Runtime, stop: threading.Event) -> None:

@@ -15,8 +15,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mailer.api import campaigns as campaigns_api
+from mailer.api import docs as docs_api
 from mailer.api import errors, messages, operations, public, recipients, suppressions, webhooks
+from mailer.api import keys as keys_api
+from mailer.api import listing as listing_api
+from mailer.api import policy_versions as policy_versions_api
 from mailer.api import templates as templates_api
+from mailer.api import webhook_endpoints as webhook_endpoints_api
 from mailer.api.deps import runtime, scoped
 from mailer.config import Settings, load_or_exit
 from mailer.keys import ApiKey
@@ -224,9 +229,12 @@ def create_app(rt: Runtime | None = None) -> FastAPI:
             app.state.runtime = Runtime.from_settings(settings or Settings.from_environ())
         yield
 
-    app = MailerApp(title="mailer", version="0.1.0", lifespan=lifespan)
+    # /docs comes from mailer.api.docs (no CDN); ReDoc would need one, so it is off.
+    app = MailerApp(title="mailer", version="0.1.0", lifespan=lifespan, docs_url=None,
+                    redoc_url=None)
     app.state.runtime = rt
     errors.install(app)
+    docs_api.install(app)
 
     # Outermost of ours, so no handler, dependency or parser sees an oversized body.
     app.add_middleware(RequestGuard)
@@ -239,6 +247,10 @@ def create_app(rt: Runtime | None = None) -> FastAPI:
     app.include_router(public.router)
     app.include_router(campaigns_api.router)
     app.include_router(templates_api.router)
+    app.include_router(policy_versions_api.router)
+    app.include_router(listing_api.router)
+    app.include_router(keys_api.router)
+    app.include_router(webhook_endpoints_api.router)
 
     @app.get("/healthz", tags=["operations"])
     def healthz() -> dict[str, str]:

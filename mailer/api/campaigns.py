@@ -68,7 +68,8 @@ def _check_renders(template: Template, data: dict[str, Any]) -> None:
                                 details={"missing": missing}, code="missing_variable")
     sample = {"name": "Recipient", "email": "recipient@example.com",
               "attributes": _SampleAttributes(), **data}
-    template.render(sample)
+    for version in template.versions():  # each recipient gets their language's (SPEC 14)
+        version.render(sample)
 
 
 @router.post("", status_code=201)
@@ -91,7 +92,7 @@ def create_campaign(body: CampaignIn, key: MarketingKey, rt: Rt) -> JSONResponse
     now = rt.clock()
     new = model.NewCampaign(
         name=body.name, template=template.name, topic=body.topic, data=body.data,
-        audience={"attributes": dict(audience.attributes)} if audience.attributes else None,
+        audience=audience.as_json(),
         send_at=send_at.astimezone(UTC) if send_at else now,
         rate_per_minute=body.rate_per_minute,
     )

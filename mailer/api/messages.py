@@ -13,6 +13,7 @@ from sqlalchemy import select
 from mailer.api.deps import api_key, runtime
 from mailer.errors import Forbidden, NotFound, RequestError, ValidationFailed
 from mailer.keys import ApiKey
+from mailer.mail.locales import is_valid as is_valid_locale
 from mailer.runtime import Runtime
 from mailer.sending.accept import MAX_BATCH, Acceptor, Refused, SendRequest, error_body
 from mailer.store.schema import message_events, messages
@@ -40,6 +41,8 @@ class MessageIn(BaseModel):
     topic: str | None = Field(default=None, max_length=100)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
     send_at: datetime | None = None
+    #: SPEC 14: which language version to send, over the recipient's own locale.
+    locale: str | None = Field(default=None, max_length=35)
 
 
 class BatchIn(BaseModel):
@@ -60,10 +63,13 @@ def _to_request(body: MessageIn, raw: dict[str, Any]) -> SendRequest:
         send_at = send_at.astimezone(UTC) if send_at else None
     except OverflowError:  # e.g. 9999-12-31T23:59-23:59 is past the last UTC datetime
         raise ValidationFailed("send_at is out of range") from None
+    if body.locale is not None and not is_valid_locale(body.locale):
+        raise ValidationFailed("locale is not a language tag (write it like de or pt-BR)",
+                               {"locale": body.locale}, code="invalid_locale")
     return SendRequest(
         template=body.template, email=to.email, external_id=to.external_id, name=to.name,
         data=body.data, topic=body.topic, idempotency_key=body.idempotency_key,
-        send_at=send_at, body=raw,
+        send_at=send_at, body=raw, locale=body.locale,
     )
 
 
@@ -141,11 +147,16 @@ def get_message(
             .order_by(message_events.c.id)
         )
         history = [{"at": iso(e.at), "type": e.type, "detail": e.detail} for e in events]
+    return {**message_summary(row), "events": history}
+
+
+def message_summary(row: Any) -> dict[str, Any]:
+    """A message row as the API shows it, without its history (``GET /v1/messages``)."""
     return {
         "id": row.id, "category": row.category, "template": row.template, "topic": row.topic,
         "status": row.status, "reason": row.reason, "attempts": row.attempts,
         "created_at": iso(row.created_at), "sent_at": iso(row.sent_at),
         "send_at": iso(row.send_at), "smtp_response": row.smtp_response,
         "smtp_code": row.smtp_code, "message_id": row.message_id_header,
-        "campaign_id": row.campaign_id, "events": history,
+        "campaign_id": row.campaign_id,
     }

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -14,8 +15,11 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from mailer.api.deps import runtime, scoped
-from mailer.errors import ValidationFailed
+from mailer.errors import Unauthorized, ValidationFailed
+from mailer.events.metrics import DeliveriesCollector
 from mailer.keys import ApiKey
+from mailer.metrics.outbox import MessageFlowCollector
+from mailer.metrics.shared import SharedCollector
 from mailer.reports.matching import Result
 from mailer.runtime import Runtime
 from mailer.store.schema import bounce_reports, message_events, messages, suppressions
@@ -78,11 +82,27 @@ class OutboxCollector(Collector):
             value=relay_errors)
 
 
+def _require_metrics_token(request: Request, rt: Runtime) -> None:
+    """SPEC 7: with ``MAILER_METRICS_TOKEN`` set, /metrics needs it as a bearer token."""
+    expected = rt.settings.metrics_token
+    if not expected:
+        return
+    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+    # Compared in constant time, as bytes, so the time taken says nothing of the token.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+            presented.strip().encode(), expected.encode()):
+        raise Unauthorized("/metrics needs Authorization: Bearer <MAILER_METRICS_TOKEN>")
+
+
 @router.get("/metrics")
-def metrics(rt: Annotated[Runtime, Depends(runtime)]) -> Response:
-    """Prometheus text format."""
+def metrics(request: Request, rt: Annotated[Runtime, Depends(runtime)]) -> Response:
+    """Prometheus text format: database-derived counts, and what workers published."""
+    _require_metrics_token(request, rt)
     registry = CollectorRegistry()
     registry.register(OutboxCollector(rt))
+    registry.register(DeliveriesCollector(rt.engine))
+    registry.register(MessageFlowCollector(rt.engine, rt.clock))
+    registry.register(SharedCollector(rt.redis))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -11,11 +11,16 @@ No API key: the signed token is the authority (SPEC 7). The rules every handler 
 - Any valid link may take consent away; only a link mailed to the profile's current
   address may grant it (SPEC 3). Otherwise the page is still shown, says why, and
   writes no grant.
+- Pages speak the language of the person the token names (their profile's ``locale``,
+  SPEC 14), never one read from a cookie or guessed from the browser: the link is theirs,
+  and so is the language. The words come from the gettext catalogues
+  (:mod:`mailer.mail.translations`); topic titles from the topics' translations.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,15 +29,19 @@ from urllib.parse import parse_qs
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse
 from jinja2 import ChoiceLoader, Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from mailer.api.deps import runtime
 from mailer.config import PROJECT_ROOT
 from mailer.mail.headers import parse_sender
+from mailer.mail.locales import translated
+from mailer.mail.translations import catalogues_for
 from mailer.preferences.double_opt_in import DoubleOptIn
 from mailer.preferences.self_service import SelfService
 from mailer.preferences.tokens import BadToken, Token
 from mailer.runtime import Runtime
+from mailer.store.schema import recipients, topics
 from suppression.consent import THIRD_PARTY_SHARING
 
 router = APIRouter(tags=["public pages"])
@@ -58,28 +67,55 @@ _FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 _MAX_PLAIN_BODY = 64 * 1024
 
 
-@lru_cache(maxsize=8)
-def _pages(folder: Path) -> Environment:
+@lru_cache(maxsize=32)
+def _pages(folder: Path, language: str) -> Environment:
     # A deployment's own templates folder may restyle the pages; the shipped ones fill in.
     loader = ChoiceLoader([FileSystemLoader(str(folder / "_pages")),
                            FileSystemLoader(str(PROJECT_ROOT / "templates" / "_pages"))])
-    return Environment(loader=loader, autoescape=select_autoescape(default=True),
-                       undefined=StrictUndefined)
+    env = Environment(loader=loader, autoescape=select_autoescape(default=True),
+                      undefined=StrictUndefined, extensions=["jinja2.ext.i18n"])
+    env.install_gettext_translations(  # type: ignore[attr-defined]
+        catalogues_for(folder).translations(language), newstyle=True)
+    return env
 
 
-def _page(rt: Runtime, name: str, status: int = 200, **values: Any) -> HTMLResponse:
+def _page(rt: Runtime, name: str, status: int = 200, *, lang: str | None = None,
+          **values: Any) -> HTMLResponse:
     organisation = parse_sender(rt.settings.mail_from)[0] or "Us"
-    html = _pages(rt.settings.templates_dir).get_template(name).render(
-        organisation=organisation, postal_address=rt.settings.postal_address or "", **values
+    language = lang or _language(rt, None)
+    html = _pages(rt.settings.templates_dir, language).get_template(name).render(
+        organisation=organisation, postal_address=rt.settings.postal_address or "",
+        lang=language, **values
     )
-    return HTMLResponse(html, status_code=status, headers=dict(PAGE_HEADERS))
+    return HTMLResponse(html, status_code=status,
+                        headers={**PAGE_HEADERS, "Content-Language": language})
+
+
+def _language(rt: Runtime, recipient_id: int | None) -> str:
+    """The language of the pages for the person a token names (SPEC 14)."""
+    locale: str | None = None
+    if recipient_id is not None:
+        with rt.engine.connect() as conn:
+            locale = conn.execute(select(recipients.c.locale)
+                                  .where(recipients.c.id == recipient_id)).scalar()
+    return catalogues_for(rt.settings.templates_dir).language_for(
+        locale, rt.settings.default_locale)
+
+
+def _topic_title(rt: Runtime, name: str | None, language: str) -> str | None:
+    """A topic's title in ``language``, or None when there is no such topic."""
+    if name is None:
+        return None
+    with rt.engine.connect() as conn:
+        row = conn.execute(select(topics.c.title, topics.c.translations)
+                           .where(topics.c.name == name)).first()
+    return None if row is None else translated(row.title, row.translations, "title", language)
 
 
 def _invalid(rt: Runtime) -> HTMLResponse:
     # 404 for malformed, forged and wrong-purpose tokens alike: which one it was is of
-    # use only to someone probing the signer.
-    return _page(rt, "invalid.html", 404,
-                 reason="The link is incomplete, was changed, or is not meant for this page.")
+    # use only to someone probing the signer. No token, no person: the default language.
+    return _page(rt, "invalid.html", 404, reason="bad_link")
 
 
 def _verify(rt: Runtime, token: str, purpose: str) -> Token | None:
@@ -122,14 +158,6 @@ def _preferences_url(rt: Runtime, found: Token) -> str:
     return rt.url(f"/preferences/{SelfService(rt).preferences_token(found)}")
 
 
-#: Shown when a link that may not grant was used to ask for a grant.
-REVOKE_ONLY_MESSAGE = (
-    "We could not subscribe you: this link came in an email to an address that is not the "
-    "one on your profile now, or in an email from before we could check that, so it can "
-    "only unsubscribe. To subscribe, please use the link in a recent email from us."
-)
-
-
 # --- unsubscribe ------------------------------------------------------------------------
 
 
@@ -140,8 +168,9 @@ def unsubscribe_page(token: str, rt: Rt) -> HTMLResponse:
     found = _verify(rt, token, "u")
     if found is None:
         return _invalid(rt)
-    title = SelfService(rt).topic_title(found.topic)
-    return _page(rt, "unsubscribe.html", done=False, topic_title=title,
+    lang = _language(rt, found.recipient_id)
+    title = _topic_title(rt, found.topic, lang)
+    return _page(rt, "unsubscribe.html", lang=lang, done=False, topic_title=title,
                  preferences_url=_preferences_url(rt, found))
 
 
@@ -160,10 +189,12 @@ async def unsubscribe(token: str, request: Request, rt: Rt) -> HTMLResponse:
     else:
         source = "one_click" if one_click else "unsubscribe_link"
         await run_in_threadpool(service.unsubscribe, found.recipient_id, found.topic, source)
-    title = await run_in_threadpool(service.topic_title, found.topic)
+    lang = await run_in_threadpool(_language, rt, found.recipient_id)
+    title = await run_in_threadpool(_topic_title, rt, found.topic, lang)
     preferences_url = await run_in_threadpool(_preferences_url, rt, found)
-    return _page(rt, "unsubscribe.html", done=True, scope="all" if title is None else scope,
-                 topic_title=title, preferences_url=preferences_url)
+    return _page(rt, "unsubscribe.html", lang=lang, done=True,
+                 scope="all" if title is None else scope, topic_title=title,
+                 preferences_url=preferences_url)
 
 
 # --- preference centre ------------------------------------------------------------------
@@ -173,12 +204,19 @@ def _preferences(rt: Runtime, found: Token, message: str | None = None,
                  refused: bool = False) -> HTMLResponse:
     view = SelfService(rt).view(found)
     if view is None:
-        return _page(rt, "invalid.html", 404,
-                     reason="We hold no preferences for this link any more.")
-    return _page(rt, "preferences.html", topics=view.topics,
+        return _page(rt, "invalid.html", 404, reason="gone")
+    lang = _language(rt, found.recipient_id)
+    with rt.engine.connect() as conn:
+        texts = {r.name: r.translations for r in conn.execute(
+            select(topics.c.name, topics.c.translations))}
+    shown = [replace(t, title=translated(t.title, texts.get(t.name), "title", lang),
+                     description=translated(t.description, texts.get(t.name), "description",
+                                            lang))
+             for t in view.topics]
+    return _page(rt, "preferences.html", lang=lang, topics=shown,
                  third_party_sharing=view.third_party_sharing,
                  blocked_by=list(view.blocked_by), message=message,
-                 may_grant=view.may_grant, refused=REVOKE_ONLY_MESSAGE if refused else None)
+                 may_grant=view.may_grant, refused=refused)
 
 
 @router.get("/preferences/{token}", response_class=HTMLResponse)
@@ -202,7 +240,7 @@ async def save_preferences(token: str, request: Request, rt: Rt) -> HTMLResponse
     refused = False
     if "unsubscribe_all" in fields.get("action", []):
         await run_in_threadpool(service.unsubscribe_all, found.recipient_id, "preference_center")
-        message = "You are unsubscribed from all marketing email."
+        message = "all_unsubscribed"
     else:
         ticked = set(fields.get("topic", []))
         wanted = {name: name in ticked for name in fields.get("shown", [])
@@ -211,11 +249,11 @@ async def save_preferences(token: str, request: Request, rt: Rt) -> HTMLResponse
             wanted[THIRD_PARTY_SHARING] = bool(fields.get(THIRD_PARTY_SHARING))
         outcome = await run_in_threadpool(service.save, found, wanted, _evidence(request))
         refused = bool(outcome.refused)
+        # Codes: the page words them in the person's language.
         if outcome.changed:
-            message = "Your choices are saved." if not refused else (
-                "Your unsubscribes are saved.")
+            message = "unsubscribes_saved" if refused else "saved"
         else:
-            message = "Nothing changed." if not refused else ""
+            message = "" if refused else "nothing"
     return await run_in_threadpool(_preferences, rt, found, message or None, refused)
 
 
@@ -229,10 +267,11 @@ def confirm_page(token: str, rt: Rt) -> HTMLResponse:
     found = _verify(rt, token, "c")
     if found is None:
         return _invalid(rt)
-    title = SelfService(rt).topic_title(found.topic) or found.topic
+    lang = _language(rt, found.recipient_id)
+    title = _topic_title(rt, found.topic, lang) or found.topic
     state = DoubleOptIn(rt).state(found)
-    return _page(rt, "confirm.html", state="already" if state == "confirmed" else state,
-                 topic_title=title)
+    return _page(rt, "confirm.html", lang=lang,
+                 state="already" if state == "confirmed" else state, topic_title=title)
 
 
 @router.post("/confirm/{token}", response_class=HTMLResponse)
@@ -242,5 +281,7 @@ async def confirm(token: str, request: Request, rt: Rt) -> HTMLResponse:
     if found is None:
         return _invalid(rt)
     outcome = await run_in_threadpool(DoubleOptIn(rt).confirm, found, _evidence(request))
-    title = await run_in_threadpool(SelfService(rt).topic_title, found.topic)
-    return _page(rt, "confirm.html", state=outcome, topic_title=title or found.topic)
+    lang = await run_in_threadpool(_language, rt, found.recipient_id)
+    title = await run_in_threadpool(_topic_title, rt, found.topic, lang)
+    return _page(rt, "confirm.html", lang=lang, state=outcome,
+                 topic_title=title or found.topic)

@@ -15,6 +15,7 @@ from mailer.api.deps import parse_address, runtime, scoped
 from mailer.errors import ValidationFailed
 from mailer.keys import ApiKey
 from mailer.mail.headers import check_header_value
+from mailer.mail.locales import normalise as normalise_locale
 from mailer.preferences.access import export_recipient, profile, recipient_view
 from mailer.preferences.double_opt_in import API_SOURCES, OWN_CHANNEL_SOURCES, DoubleOptIn
 from mailer.preferences.erasure import erase
@@ -45,6 +46,17 @@ class RecipientIn(BaseModel):
     attributes: dict[str, Any] = Field(default_factory=dict)
     account_active: bool = True
 
+    @field_validator("locale")
+    @classmethod
+    def _locale_is_a_language_tag(cls, value: str | None) -> str | None:
+        # SPEC 14: a BCP 47 tag, kept in its canonical spelling (de_at -> de-AT).
+        if value is None or not value.strip():
+            return None
+        tag = normalise_locale(value)
+        if tag is None:
+            raise ValueError("locale must be a language tag, like de or pt-BR")
+        return tag
+
 
 class ConsentIn(BaseModel):
     """One grant or revoke for the ledger."""
@@ -68,14 +80,51 @@ _TITLE_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 _DESCRIPTION_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
+class TopicTranslationIn(BaseModel):
+    """A topic's title and description in one language (SPEC 14)."""
+
+    model_config = ConfigDict(extra="forbid")
+    title: str = Field(min_length=1, max_length=200)
+    description: str = Field(default="", max_length=2000)
+
+    @field_validator("title")
+    @classmethod
+    def _title_is_one_printable_line(cls, value: str) -> str:
+        if _TITLE_FORBIDDEN.search(value):
+            raise ValueError("the title must be one line of printable text")
+        return value
+
+    @field_validator("description")
+    @classmethod
+    def _description_is_printable(cls, value: str) -> str:
+        if _DESCRIPTION_FORBIDDEN.search(value):
+            raise ValueError("the description may not hold control characters")
+        return value
+
+
 class TopicIn(BaseModel):
-    """A marketing topic."""
+    """A marketing topic, with its title and description by language tag."""
 
     model_config = ConfigDict(extra="forbid")
     title: str = Field(min_length=1, max_length=200)
     description: str = Field(default="", max_length=2000)
     third_party: bool = False
     double_opt_in: bool = False
+    translations: dict[str, TopicTranslationIn] | None = Field(default=None, max_length=50)
+
+    @field_validator("translations")
+    @classmethod
+    def _tags_are_languages(cls, value: dict[str, TopicTranslationIn] | None
+                            ) -> dict[str, TopicTranslationIn] | None:
+        if not value:
+            return None
+        out: dict[str, TopicTranslationIn] = {}
+        for key, text in value.items():
+            tag = normalise_locale(key)
+            if tag is None or tag in out:
+                raise ValueError(f"{key[:40]!r} is not a language tag, or appears twice")
+            out[tag] = text
+        return out
 
     @field_validator("title")
     @classmethod
@@ -214,6 +263,7 @@ def post_consent(
         event_id = record_consent(
             conn, row, body.topic, body.granted, body.source,
             body.policy_version or rt.settings.policy_version, occurred, now, body.evidence,
+            explicit_version=body.policy_version is not None,
         )
     return {"id": event_id, "status": "recorded", "topic": body.topic, "granted": body.granted,
             "source": body.source, "occurred_at": iso(occurred)}
@@ -222,7 +272,8 @@ def post_consent(
 def topic_view(row: Any) -> dict[str, Any]:
     """A topic as the API shows it."""
     return {"name": row.name, "title": row.title, "description": row.description,
-            "third_party": bool(row.third_party), "double_opt_in": bool(row.double_opt_in)}
+            "third_party": bool(row.third_party), "double_opt_in": bool(row.double_opt_in),
+            "translations": dict(row.translations or {})}
 
 
 @router.get("/v1/topics")

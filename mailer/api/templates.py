@@ -12,7 +12,7 @@ from mailer.api.deps import runtime, scoped
 from mailer.errors import Conflict, NotFound, ValidationFailed
 from mailer.keys import ApiKey
 from mailer.mail.checks import MAX_SOURCE_CHARS
-from mailer.mail.stored import StoredTemplate, load, save, validate_name
+from mailer.mail.stored import MAX_TRANSLATIONS, StoredTemplate, load, save, validate_name
 from mailer.runtime import Runtime
 from mailer.store.recipients import topic_row
 from mailer.times import iso
@@ -23,8 +23,18 @@ router = APIRouter(prefix="/v1/templates", tags=["templates"])
 Rt = Annotated[Runtime, Depends(runtime)]
 
 
+class TranslationIn(BaseModel):
+    """One language version of a stored template (SPEC 14)."""
+
+    model_config = ConfigDict(extra="forbid")
+    subject: str = Field(min_length=1, max_length=MAX_SOURCE_CHARS["subject"])
+    html: str = Field(min_length=1, max_length=MAX_SOURCE_CHARS["html"])
+    text: str | None = Field(default=None, max_length=MAX_SOURCE_CHARS["text"])
+
+
 class TemplateIn(BaseModel):
-    """A marketing template: subject, HTML and optional text, all jinja2 sources."""
+    """A marketing template: subject, HTML and optional text, all jinja2 sources, and its
+    translations by language tag (``{"de": {subject, html, text?}}``)."""
 
     model_config = ConfigDict(extra="forbid")
     category: str = Field(max_length=40)
@@ -32,6 +42,8 @@ class TemplateIn(BaseModel):
     subject: str = Field(min_length=1, max_length=MAX_SOURCE_CHARS["subject"])
     html: str = Field(min_length=1, max_length=MAX_SOURCE_CHARS["html"])
     text: str | None = Field(default=None, max_length=MAX_SOURCE_CHARS["text"])
+    translations: dict[str, TranslationIn] | None = Field(default=None,
+                                                          max_length=MAX_TRANSLATIONS)
 
 
 def stored_view(row: Any) -> dict[str, Any]:
@@ -40,6 +52,7 @@ def stored_view(row: Any) -> dict[str, Any]:
         "name": row.name, "source": "stored", "category": row.category, "topic": row.topic,
         "subject": row.subject, "html": row.html, "text": row.text,
         "variables": list(row.variables), "version": row.version,
+        "translations": dict(row.translations or {}),
         "created_at": iso(row.created_at), "updated_at": iso(row.updated_at),
     }
 
@@ -56,10 +69,12 @@ def put_template(
                                code="invalid_category")
     if any(t.name == name for t in rt.catalogue):
         raise Conflict(f"{name!r} is a file template", code="file_template")
-    template = StoredTemplate(name, body.topic, body.subject, body.html, body.text)
+    sources = body.model_dump()
+    template = StoredTemplate(name, body.topic, body.subject, body.html, body.text,
+                              translations=sources["translations"])
     with rt.engine.begin() as conn:
         topic_row(conn, body.topic)
-        row, created = save(conn, name, template, body.model_dump(), key.id, rt.clock())
+        row, created = save(conn, name, template, sources, key.id, rt.clock())
     return JSONResponse(stored_view(row), status_code=201 if created else 200)
 
 
@@ -79,5 +94,6 @@ def get_template(
         if template.name == name:
             return {"name": name, "source": "file", "category": template.category.value,
                     "topic": template.topic, "description": template.description,
-                    "required": list(template.required)}
+                    "required": list(template.required),
+                    "translations": sorted(template.translations)}
     raise NotFound(f"no template {name!r}")

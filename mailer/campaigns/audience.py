@@ -47,9 +47,12 @@ def _same(a: Any, b: Any) -> bool:
 
 @dataclass(frozen=True)
 class AudienceFilter:
-    """``{"attributes": {key: value}}``: recipients whose attributes equal every value."""
+    """``{"attributes": {key: value}, "account_active": bool}``: recipients whose attributes
+    equal every value (and whose account is, or is not, active)."""
 
     attributes: Mapping[str, Scalar] = field(default_factory=dict)
+    #: Service-alert campaigns go to active accounts only (SPEC 2, 14).
+    account_active: bool | None = None
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any] | None) -> AudienceFilter:
@@ -59,8 +62,12 @@ class AudienceFilter:
 
         if not raw:
             return cls()
-        if set(raw) - {"attributes"}:
-            raise refuse("audience supports only {\"attributes\": {...}}")
+        if set(raw) - {"attributes", "account_active"}:
+            raise refuse("audience supports only {\"attributes\": {...}, "
+                         "\"account_active\": true|false}")
+        active = raw.get("account_active")
+        if active is not None and not isinstance(active, bool):
+            raise refuse("audience.account_active must be true or false")
         attributes = raw.get("attributes") or {}
         if not isinstance(attributes, Mapping) or len(attributes) > MAX_FILTER_KEYS:
             raise refuse(f"audience.attributes must be an object of at most "
@@ -71,7 +78,16 @@ class AudienceFilter:
             if not isinstance(value, str | int | float | bool) and value is not None:
                 raise refuse("attribute values to match must be strings, numbers, "
                              "booleans or null")
-        return cls(dict(attributes))
+        return cls(dict(attributes), active)
+
+    def as_json(self) -> dict[str, Any] | None:
+        """The stored form of the filter (None when it matches everybody)."""
+        out: dict[str, Any] = {}
+        if self.attributes:
+            out["attributes"] = dict(self.attributes)
+        if self.account_active is not None:
+            out["account_active"] = self.account_active
+        return out or None
 
     def matches(self, attributes: Mapping[str, Any] | None) -> bool:
         """The same test in Python, for databases without JSON functions."""
@@ -80,7 +96,14 @@ class AudienceFilter:
                    for key, want in self.attributes.items())
 
     def clauses(self, table: FromClause, dialect: str) -> list[ColumnElement[bool]]:
-        """SQL conditions for ``table`` (recipients or an alias), or [] if not expressible."""
+        """SQL conditions for ``table`` (recipients or an alias); attribute conditions only
+        where :meth:`in_sql` says the database can express them."""
+        out: list[ColumnElement[bool]] = []
+        if self.account_active is not None:
+            out.append(table.c.account_active.is_(self.account_active))
+        return out + self._attribute_clauses(table, dialect)
+
+    def _attribute_clauses(self, table: FromClause, dialect: str) -> list[ColumnElement[bool]]:
         if not self.attributes:
             return []
         column = table.c.attributes
@@ -153,8 +176,13 @@ def audience_batch(
     return rows, cursor
 
 
-def campaign_topic(conn: Connection, name: str) -> Topic:
-    """The campaign's topic as the policy sees it; 422 ``unknown_topic`` if it is gone."""
+def campaign_topic(conn: Connection, name: str | None) -> Topic | None:
+    """The campaign's topic as the policy sees it; 422 ``unknown_topic`` if it is gone.
+
+    None for a campaign without a topic (service alerts, SPEC 14).
+    """
+    if name is None:
+        return None
     row = conn.execute(select(topics.c.name, topics.c.third_party)
                        .where(topics.c.name == name)).first()
     if row is None:
@@ -162,18 +190,22 @@ def campaign_topic(conn: Connection, name: str) -> Topic:
     return Topic(row.name, bool(row.third_party))
 
 
-def decide_batch(rt: Runtime, conn: Connection, topic: Topic, rows: Sequence[Row[Any]],
-            now: datetime) -> list[Decision]:
-    """The SPEC 2 decision for each recipient of a batch, with one query per kind of fact."""
+def decide_batch(rt: Runtime, conn: Connection, topic: Topic | None, rows: Sequence[Row[Any]],
+                 now: datetime, category: Category = Category.PROMOTION) -> list[Decision]:
+    """The SPEC 2 decision for each recipient of a batch, with one query per kind of fact.
+
+    A service-alert campaign (a policy update) keeps that category's rules: active
+    account, hard bounce, manual block, complaint and the frequency cap.
+    """
     targets = [
-        Target(key=str(r.id), category=Category.PROMOTION, topic=topic.name,
+        Target(key=str(r.id), category=category, topic=topic.name if topic else None,
                recipient_id=r.id, to_hash=r.email_hash, template="")
         for r in rows
     ]
     settings = rt.settings
     states = load_states(conn, targets, now, settings.service_alert_window)
     limits = Limits(settings.service_alert_limit, settings.service_alert_window)
-    return [decide(Category.PROMOTION, topic, states[t.key], now, limits) for t in targets]
+    return [decide(category, topic, states[t.key], now, limits) for t in targets]
 
 
 @dataclass(frozen=True)
@@ -196,6 +228,7 @@ def eligibility(rt: Runtime, campaign: Row[Any], batch: int = DEFAULT_BATCH) -> 
             upto = conn.execute(select(func.coalesce(func.max(recipients.c.id), 0))
                                 ).scalar_one()
         topic = campaign_topic(conn, campaign.topic)
+    category = Category(campaign.category)
     after = 0
     while True:
         # A connection per batch: on SQLite every transaction holds the write lock, and
@@ -204,7 +237,7 @@ def eligibility(rt: Runtime, campaign: Row[Any], batch: int = DEFAULT_BATCH) -> 
             rows, after = audience_batch(conn, flt, after, upto, batch, first_of_address=True)
             if not rows:
                 break
-            decisions = decide_batch(rt, conn, topic, rows, rt.clock())
+            decisions = decide_batch(rt, conn, topic, rows, rt.clock(), category)
         for decision in decisions:
             if decision.allowed:
                 eligible += 1

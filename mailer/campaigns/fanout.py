@@ -100,7 +100,7 @@ def fan_out_batch(rt: Runtime, campaign_id: str, batch: int = DEFAULT_BATCH) -> 
             return BatchResult(done=True)
         rows = _first_per_address(conn, campaign_id, rows)
         topic = campaign_topic(conn, c.topic)
-        decisions = decide_batch(rt, conn, topic, rows, now)
+        decisions = decide_batch(rt, conn, topic, rows, now, Category(c.category))
         message_rows = _message_rows(rt, c, template, rows, decisions, now)
         queued = [m["id"] for m in message_rows if m["status"] == MessageStatus.QUEUED]
         pause_for = timedelta(0)
@@ -154,7 +154,7 @@ def _message_rows(
             status, reason = MessageStatus.FAILED, "missing_variable"
         out.append({
             "id": row_id, "api_key_id": c.api_key_id, "campaign_id": c.id,
-            "category": Category.PROMOTION.value, "template": c.template, "topic": c.topic,
+            "category": c.category, "template": c.template, "topic": c.topic,
             "recipient_id": row.id, "to_email": row.email, "to_name": row.name,
             "to_hash": row.email_hash, "data": message_data(row, variables), "status": status,
             "reason": reason, "attempts": 0, "message_id_header": message_id,

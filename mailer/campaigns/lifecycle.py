@@ -26,10 +26,12 @@ from typing import Any
 from sqlalchemy import Connection, Row, and_, func, insert, literal, select, update
 
 from mailer.errors import Conflict, NotFound
+from mailer.events.record import record_campaign_completed
 from mailer.store.outbox import add_events
 from mailer.store.schema import campaigns, consent_events, message_events, messages
 from mailer.store.status import CANCELLABLE, HOLDABLE, PENDING, QUEUED_LIKE, MessageStatus
 from mailer.times import iso
+from suppression.policy import Category
 
 
 class CampaignStatus(StrEnum):
@@ -60,15 +62,17 @@ class CampaignStateError(Conflict):
 
 @dataclass(frozen=True)
 class NewCampaign:
-    """A campaign as the API accepted it."""
+    """A campaign as the API accepted it (or the system: a policy update, SPEC 14)."""
 
     name: str
     template: str
-    topic: str
+    topic: str | None
     send_at: datetime
     data: Mapping[str, Any] = field(default_factory=dict)
     audience: Mapping[str, Any] | None = None
     rate_per_minute: int | None = None
+    #: The template's category: promotions, or service alerts to active accounts.
+    category: Category = Category.PROMOTION
 
 
 def create(conn: Connection, new: NewCampaign, api_key_id: int | None, now: datetime) -> str:
@@ -76,6 +80,7 @@ def create(conn: Connection, new: NewCampaign, api_key_id: int | None, now: date
     campaign_id = uuid.uuid4().hex
     conn.execute(insert(campaigns).values(
         id=campaign_id, name=new.name, template=new.template, topic=new.topic,
+        category=new.category.value,
         data=dict(new.data), audience=dict(new.audience) if new.audience else None,
         send_at=new.send_at, rate_per_minute=new.rate_per_minute,
         status=CampaignStatus.SCHEDULED,
@@ -270,6 +275,10 @@ def complete_finished(conn: Connection, now: datetime) -> list[str]:
         if pending is None and _set_status(conn, row.id, (CampaignStatus.RUNNING,), now,
                                            status=CampaignStatus.COMPLETED, finished_at=now):
             done.append(row.id)
+    if done:
+        # SPEC 13: campaign.completed, in the transaction that completes it.
+        record_campaign_completed(conn, [get(conn, i) for i in done],
+                                  lambda rows: counts(conn, rows), now)
     return done
 
 
@@ -325,7 +334,8 @@ def view(row: Row[Any], counted: Mapping[str, Any]) -> dict[str, Any]:
     numbers = {k: v for k, v in counted.items() if k != "suppressed_by_reason"}
     return {
         "id": row.id, "name": row.name, "status": row.status, "template": row.template,
-        "topic": row.topic, "send_at": iso(row.send_at), "rate_per_minute": row.rate_per_minute,
+        "category": row.category, "topic": row.topic, "send_at": iso(row.send_at),
+        "rate_per_minute": row.rate_per_minute,
         "audience": row.audience, "late": bool(row.late), "created_at": iso(row.created_at),
         "started_at": iso(row.started_at), "paused_at": iso(row.paused_at),
         "fanned_out_at": iso(row.fanned_out_at), "finished_at": iso(row.finished_at),

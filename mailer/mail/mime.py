@@ -41,7 +41,8 @@ _MESSAGE_ID = re.compile(r"<[A-Za-z0-9!#$%&'*+/^_`{|}~.-]+@[A-Za-z0-9!#$%&'*+/^_
 # receivers resolve differently (a spoofing vector); transport and trace fields are the
 # relay's business.
 _RESERVED = frozenset({
-    "bcc", "cc", "content-transfer-encoding", "content-type", "date", "dkim-signature",
+    "bcc", "cc", "content-language", "content-transfer-encoding", "content-type", "date",
+    "dkim-signature",
     "from", "message-id", "mime-version", "received", "reply-to", "return-path", "sender",
     "subject", "to",
 })
@@ -59,6 +60,8 @@ _LINE_END = re.compile(r"\r\n|\r|\n")
 # (CR only ever appears in the CRLF line breaks written here).
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _SUBJECT_OFFSET = len("Subject: ")
+# RFC 3282 section 2 / RFC 5646: letters and digits in hyphen-separated subtags.
+_LANGUAGE_TAG = re.compile(r"[A-Za-z]{1,8}(?:-[A-Za-z0-9]{1,8}){0,8}")
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,11 @@ def _base64_body(raw: bytes) -> bytes:
     return _CRLF.join([encoded[i:i + 76] for i in range(0, len(encoded), 76)])
 
 
+def _lines(text: str) -> list[str]:
+    """``text`` split at every line break; str.split when there is no CR (the usual case)."""
+    return text.split("\n") if "\r" not in text else _LINE_END.split(text)
+
+
 def wrap_text(text: str, width: int = TEXT_WIDTH) -> list[str]:
     """Split ``text`` into lines, breaking lines longer than ``width`` at spaces.
 
@@ -87,24 +95,50 @@ def wrap_text(text: str, width: int = TEXT_WIDTH) -> list[str]:
     such as the ``-- `` that sets off the footer (RFC 3676 section 4.3), are kept exactly.
     """
     out: list[str] = []
-    for line in _LINE_END.split(text):
+    for line in _lines(text):
         if len(line) <= width or " " not in line.strip(" "):
             out.append(line)
-            continue
-        indent = line[: len(line) - len(line.lstrip(" "))]
-        current = indent
-        for word in line[len(indent):].split(" "):
-            if not word:
-                continue
-            if current.strip() and len(current) + 1 + len(word) > width:
-                out.append(current)
-                current = word
-            elif current.strip():
-                current += " " + word
-            else:
-                current += word
-        out.append(current)
+        elif line.isprintable() and "  " not in line and line[0] != " " and line[-1] != " ":
+            _wrap_plain(line, width, out)
+        else:
+            _wrap_words(line, width, out)
     return out
+
+
+def _wrap_words(line: str, width: int, out: list[str]) -> None:
+    """Wrap one line word by word: any spacing, indentation kept, runs of spaces folded."""
+    indent = line[: len(line) - len(line.lstrip(" "))]
+    current = indent
+    for word in line[len(indent):].split(" "):
+        if not word:
+            continue
+        if current.strip() and len(current) + 1 + len(word) > width:
+            out.append(current)
+            current = word
+        elif current.strip():
+            current += " " + word
+        else:
+            current += word
+    out.append(current)
+
+
+def _wrap_plain(line: str, width: int, out: list[str]) -> None:
+    """:func:`_wrap_words` for a line of words split by single spaces, searched in C.
+
+    With no other white space, no indentation and no double space, each output line is
+    the longest run of whole words that fits, found by the last space within ``width``
+    (a word longer than that stands alone): what the word loop gives, without the loop.
+    """
+    start, end = 0, len(line)
+    while end - start > width:
+        cut = line.rfind(" ", start, start + width + 1)
+        if cut <= start:
+            cut = line.find(" ", start + width + 1)
+            if cut < 0:
+                break
+        out.append(line[start:cut])
+        start = cut + 1
+    out.append(line[start:])
 
 
 def text_part(content_type: bytes, text: str, *, wrap: bool) -> bytes:
@@ -115,7 +149,7 @@ def text_part(content_type: bytes, text: str, *, wrap: bool) -> bytes:
     quoted-printable (RFC 2045 section 6.7); only text that is mostly outside ASCII, where
     quoted-printable would triple its size, is base64.
     """
-    lines = wrap_text(text) if wrap else _LINE_END.split(text)
+    lines = wrap_text(text) if wrap else _lines(text)
     body = "\r\n".join(lines)
     raw = body.encode("utf-8", "replace")  # "replace": a lone surrogate from JSON
     if (
@@ -160,8 +194,13 @@ class MessageBuilder:
         message_id: str,
         date: datetime,
         extra_headers: Sequence[tuple[str, str]] = (),
+        content_language: str | None = None,
     ) -> Envelope:
-        """Return the envelope and CRLF-terminated bytes of one ``multipart/alternative`` mail."""
+        """Return the envelope and CRLF-terminated bytes of one ``multipart/alternative`` mail.
+
+        ``content_language`` is the BCP 47 tag of the version rendered (SPEC 14), sent as
+        ``Content-Language`` (RFC 3282).
+        """
         check_header_value("subject", subject)
         if to_name is not None:
             check_header_value("to_name", to_name)
@@ -179,6 +218,10 @@ class MessageBuilder:
             b"MIME-Version: 1.0\r\n",
             self._reply_to,
         ]
+        if content_language is not None:
+            if not _LANGUAGE_TAG.fullmatch(content_language):
+                raise HeaderInjection("content_language: not a language tag")
+            lines.append(b"Content-Language: " + content_language.encode("ascii") + _CRLF)
         for name, value in extra_headers:
             if not _EXTRA_NAME.fullmatch(name) or name.lower() in _RESERVED:
                 raise HeaderInjection(f"{name[:40]!r}: not an allowed extra header name")

@@ -11,6 +11,10 @@ a sandbox"). Three layers:
    and a budget per render (iterations, the size of every value built, output and time).
    A template that exceeds it fails that one message.
 
+Translations (SPEC 14, ``translations: {"de": {subject, html, text?}}``) pass the same
+three layers, each version with its own static bounds, and may read no variable the
+default version does not (acceptance checks the data against one version).
+
 The catalogue finds them by name through :class:`StoredTemplates`, which the
 :class:`~mailer.runtime.Runtime` wires in.
 """
@@ -27,15 +31,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from jinja2 import Environment, meta
 from jinja2 import TemplateError as JinjaError
 from jinja2.exceptions import SecurityError
 from sqlalchemy import Connection, Engine, Row, insert, select, update
 
 from mailer.errors import TemplateError, ValidationFailed
 from mailer.mail.checks import Tally, check_part
+from mailer.mail.locales import normalise
 from mailer.mail.sandbox import render_part, start_render
-from mailer.mail.templates import Catalogue, Rendered, Template
+from mailer.mail.templates import Catalogue, Rendered, Template, variables_of
 from mailer.mail.text import html_to_text
 from mailer.store.schema import marketing_templates
 from suppression.policy import Category
@@ -44,6 +48,8 @@ from suppression.policy import Category
 CACHE_SECONDS = 2.0
 #: Profile fields a campaign supplies for each recipient (SPEC 7).
 PROFILE_VARIABLES = frozenset({"name", "email", "attributes"})
+#: Most translations one stored template may hold (each is checked and compiled).
+MAX_TRANSLATIONS = 30
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,99}$")
 
@@ -52,7 +58,8 @@ class StoredTemplate(Template):
     """A marketing template from the database, compiled in the bounded sandbox."""
 
     def __init__(self, name: str, topic: str, subject: str, html: str, text: str | None,
-                 version: int = 0) -> None:
+                 version: int = 0,
+                 translations: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         # Template.__init__ is not called on purpose: it compiles in the file templates'
         # environment, which has neither the allow-lists nor the render budget.
         self.name = name
@@ -65,8 +72,27 @@ class StoredTemplate(Template):
         self._parts = (check_part("subject", subject, tally), check_part("html", html, tally),
                        check_part("text", text, tally) if text is not None else None)
         self.variables = frozenset().union(*(p.variables for p in self._parts if p))
+        self.translations = {}
+        for tag, sources in _translation_sources(translations).items():
+            try:
+                translated = StoredTemplate(name, topic, sources["subject"], sources["html"],
+                                            sources.get("text"), version)
+            except ValidationFailed as exc:
+                # Say which version is refused: the problems alone do not.
+                exc.details = {"locale": tag, **(exc.details if isinstance(exc.details, dict)
+                                                 else {"problems": exc.details})}
+                raise
+            extra = translated.variables - self.variables
+            if extra:
+                raise ValidationFailed(
+                    f"the {tag} translation reads variables the default version does not: "
+                    f"{', '.join(sorted(extra))}",
+                    details={"locale": tag, "variables": sorted(extra)},
+                    code="translation_variables")
+            self.translations[tag] = translated
 
-    def render(self, data: Mapping[str, Any], *, derive_text: bool = True) -> Rendered:
+    def render(self, data: Mapping[str, Any], *, derive_text: bool = True,
+               language: str | None = None) -> Rendered:
         """Render all parts within the budget; :class:`TemplateError` when it is exceeded."""
         subject_part, html_part, text_part = self._parts
         start_render()
@@ -88,9 +114,44 @@ class StoredTemplate(Template):
         return Rendered(subject=subject, html=html, text=text)
 
 
+def _translation_sources(raw: Mapping[str, Mapping[str, Any]] | None
+                         ) -> dict[str, Mapping[str, Any]]:
+    """Translations keyed by canonical tag; 422 for a bad tag, a duplicate or a bad shape."""
+    if not raw:
+        return {}
+    if len(raw) > MAX_TRANSLATIONS:
+        raise ValidationFailed(f"at most {MAX_TRANSLATIONS} translations",
+                               code="invalid_translations")
+    out: dict[str, Mapping[str, Any]] = {}
+    for key, sources in raw.items():
+        tag = normalise(key)
+        if tag is None:
+            raise ValidationFailed(f"{key[:40]!r} is not a language tag (write it like de or "
+                                   "pt-BR)", details={"locale": key[:40]}, code="invalid_locale")
+        if tag in out:
+            raise ValidationFailed(f"two translations for {tag}", details={"locale": tag},
+                                   code="invalid_translations")
+        if not isinstance(sources, Mapping) or not isinstance(sources.get("subject"), str) \
+                or not isinstance(sources.get("html"), str) \
+                or not isinstance(sources.get("text", ""), str | None) \
+                or set(sources) - {"subject", "html", "text"}:
+            raise ValidationFailed(f"the {tag} translation needs subject and html (and may "
+                                   "have text), all strings", details={"locale": tag},
+                                   code="invalid_translations")
+        out[tag] = sources
+    return out
+
+
+def translation_sources(raw: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
+    """Translations as stored: canonical tags, the sources only."""
+    return {tag: {"subject": s["subject"], "html": s["html"], "text": s.get("text")}
+            for tag, s in _translation_sources(raw).items()}
+
+
 def from_row(row: Row[Any]) -> StoredTemplate:
     """The compiled template of a ``marketing_templates`` row."""
-    return StoredTemplate(row.name, row.topic, row.subject, row.html, row.text, row.version)
+    return StoredTemplate(row.name, row.topic, row.subject, row.html, row.text, row.version,
+                          row.translations)
 
 
 def validate_name(name: str) -> None:
@@ -113,6 +174,7 @@ def save(conn: Connection, name: str, template: StoredTemplate, sources: Mapping
         "category": Category.PROMOTION.value, "topic": template.topic,
         "subject": sources["subject"], "html": sources["html"], "text": sources.get("text"),
         "variables": sorted(template.variables), "api_key_id": api_key_id, "updated_at": now,
+        "translations": translation_sources(sources.get("translations")) or None,
     }
     existing = load(conn, name)
     if existing is None:
@@ -162,11 +224,7 @@ def _file_variables(folder: Path, name: str) -> frozenset[str]:
     for body in ("body.html", "body.txt"):
         if (source / body).exists():
             parts.append((source / body).read_text(encoding="utf-8"))
-    env = Environment(autoescape=True)
-    names: set[str] = set()
-    for part in parts:
-        names |= meta.find_undeclared_variables(env.parse(part))
-    return frozenset(names)
+    return frozenset(variables_of(*parts))
 
 
 def template_variables(catalogue: Catalogue, template: Template) -> frozenset[str] | None:

@@ -1,19 +1,30 @@
-"""Message templates: loaded and compiled once, rendered strictly in jinja2's sandbox."""
+"""Message templates: loaded and compiled once, rendered strictly in jinja2's sandbox.
+
+A template is its default version plus translations (SPEC 14): a file template's
+``templates/<name>/<locale>/`` folders (``body.html``, optional ``body.txt``, optional
+``template.toml`` with a ``subject``), or a stored template's ``translations``. Which one
+a message gets is :mod:`mailer.mail.locales`' rule, applied by :meth:`Template.localised`.
+"""
 
 from __future__ import annotations
 
+import threading
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jinja2 import StrictUndefined
+from jinja2 import Environment, StrictUndefined, meta, pass_context
+from jinja2 import Template as JinjaTemplate
 from jinja2 import TemplateError as JinjaError
+from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from mailer.errors import TemplateError
+from mailer.mail.locales import DEFAULT_LOCALE, normalise, pick
 from mailer.mail.text import html_to_text
+from mailer.mail.translations import MessageCatalogues, catalogues_for, date_formatter
 from suppression.policy import Category
 
 #: Upper bound on rendered output, so a hostile template cannot fill memory or mailboxes.
@@ -29,12 +40,24 @@ class Rendered:
     text: str
 
 
+#: The context name under which a render is told the language of the version rendered.
+LANGUAGE_VARIABLE = "_language"
+
+
+@pass_context
+def _localised_date(context: Context, value: object) -> str:
+    """``{{ effective_at | date }}``: a date written the way the version's language reads it."""
+    return date_formatter(str(context.get(LANGUAGE_VARIABLE) or DEFAULT_LOCALE))(value)
+
+
 def _environment(autoescape: bool) -> ImmutableSandboxedEnvironment:
     # StrictUndefined: a missing variable is an error at accept time (422), never a
     # blank in a sent mail. The sandbox keeps templates away from Python internals.
-    return ImmutableSandboxedEnvironment(
+    env = ImmutableSandboxedEnvironment(
         autoescape=autoescape, undefined=StrictUndefined, keep_trailing_newline=True
     )
+    env.filters["date"] = _localised_date
+    return env
 
 
 _HTML_ENV = _environment(autoescape=True)
@@ -54,12 +77,15 @@ class Template:
         text: str | None = None,
         required: tuple[str, ...] = (),
         description: str = "",
+        translations: Mapping[str, Template] | None = None,
     ) -> None:
         self.name = name
         self.category = category
         self.topic = topic
         self.required = required
         self.description = description
+        #: Other language versions by canonical tag (SPEC 14); each renders the same data.
+        self.translations: dict[str, Template] = dict(translations or {})
         try:
             self._subject = _TEXT_ENV.from_string(subject)
             self._html = _HTML_ENV.from_string(html)
@@ -71,12 +97,24 @@ class Template:
         """The required variables absent from ``data``."""
         return [key for key in self.required if key not in data]
 
-    def render(self, data: Mapping[str, Any], *, derive_text: bool = True) -> Rendered:
+    def localised(self, wanted: str | None, default: str = DEFAULT_LOCALE
+                  ) -> tuple[Template, str]:
+        """The version for someone who asked for ``wanted``, and the language it is in."""
+        found, language = pick(self.translations, wanted, default)
+        return (found if found is not None else self), language
+
+    def versions(self) -> list[Template]:
+        """The default version and every translation."""
+        return [self, *self.translations.values()]
+
+    def render(self, data: Mapping[str, Any], *, derive_text: bool = True,
+               language: str | None = None) -> Rendered:
         """Render all parts; raise :class:`TemplateError` for missing or broken variables.
 
         ``derive_text=False`` leaves the text part empty when the template has none:
         the accept-time check needs only to know that everything renders, and deriving
-        text from HTML was 43 % of the API's CPU per message.
+        text from HTML was 43 % of the API's CPU per message. ``language`` is the
+        version's language, for the ``date`` filter.
         """
         missing = self.missing(data)
         if missing:
@@ -88,10 +126,11 @@ class Template:
         try:
             # Not normalised: a CR or LF from caller data must reach the header check
             # and be refused there, not be quietly folded away.
-            subject = self._subject.render(data)
-            html = self._html.render(data)
+            values = {**data, LANGUAGE_VARIABLE: language or DEFAULT_LOCALE}
+            subject = self._subject.render(values)
+            html = self._html.render(values)
             if self._text is not None:
-                text = self._text.render(data)
+                text = self._text.render(values)
             else:
                 text = html_to_text(html) if derive_text else ""
         except JinjaError as exc:
@@ -104,37 +143,109 @@ class Template:
         return Rendered(subject=subject, html=html, text=text)
 
 
+def _read_toml(path: Path) -> dict[str, Any]:
+    with path.open("rb") as fh:
+        return tomllib.load(fh)
+
+
+def _read_optional(path: Path) -> str | None:
+    return path.read_text(encoding="utf-8") if path.exists() else None
+
+
+def variables_of(*sources: str | None) -> set[str]:
+    """The names some file-template sources read (jinja2.meta, with our filters known)."""
+    env = Environment(autoescape=True)
+    env.filters["date"] = _localised_date
+    names: set[str] = set()
+    for source in sources:
+        if source is not None:
+            names |= meta.find_undeclared_variables(env.parse(source))
+    return names
+
+
 def load_file_template(folder: Path) -> Template:
-    """Load ``template.toml``, ``body.html`` and optional ``body.txt`` from ``folder``."""
-    with (folder / "template.toml").open("rb") as fh:
-        meta = tomllib.load(fh)
-    text_file = folder / "body.txt"
-    return Template(
-        name=folder.name,
-        category=Category(meta["category"]),
-        topic=meta.get("topic"),
-        subject=meta["subject"],
-        html=(folder / "body.html").read_text(encoding="utf-8"),
-        text=text_file.read_text(encoding="utf-8") if text_file.exists() else None,
-        required=tuple(meta.get("required", ())),
-        description=meta.get("description", ""),
-    )
+    """Load ``template.toml``, ``body.html`` and optional ``body.txt`` from ``folder``, with
+    the translations in its ``<locale>/`` sub-folders."""
+    meta_ = _read_toml(folder / "template.toml")
+    html = (folder / "body.html").read_text(encoding="utf-8")
+    text = _read_optional(folder / "body.txt")
+    common: dict[str, Any] = {
+        "name": folder.name, "category": Category(meta_["category"]),
+        "topic": meta_.get("topic"), "required": tuple(meta_.get("required", ())),
+        "description": meta_.get("description", ""),
+    }
+    try:
+        known = variables_of(meta_["subject"], html, text)
+    except JinjaError as exc:
+        raise TemplateError(f"template {folder.name!r} does not compile: {exc}") from None
+    translations: dict[str, Template] = {}
+    for child in sorted(folder.iterdir()):
+        tag = normalise(child.name)
+        if tag is None or not child.is_dir() or not (child / "body.html").is_file():
+            continue
+        own = _read_toml(child / "template.toml") if (child / "template.toml").is_file() else {}
+        subject = own.get("subject", meta_["subject"])
+        t_html = (child / "body.html").read_text(encoding="utf-8")
+        t_text = _read_optional(child / "body.txt")
+        try:
+            extra = variables_of(subject, t_html, t_text) - known - {LANGUAGE_VARIABLE}
+        except JinjaError as exc:
+            raise TemplateError(f"template {folder.name!r} ({tag}) does not compile: {exc}"
+                                ) from None
+        if extra:
+            # Acceptance checks the data against one version; a translation that reads
+            # more would fail in the worker for exactly the people who speak it.
+            raise TemplateError(f"template {folder.name!r} ({tag}) reads variables its "
+                                f"default version does not: {', '.join(sorted(extra))}")
+        translations[tag] = Template(subject=subject, html=t_html, text=t_text, **common)
+    return Template(subject=meta_["subject"], html=html, text=text,
+                    translations=translations, **common)
 
 
 class Footer:
-    """The compliance footer of promotions (SPEC 6): postal address, why, and both links."""
+    """The compliance footer of promotions (SPEC 6): postal address, why, and both links.
 
-    def __init__(self, folder: Path) -> None:
-        self._html = _HTML_ENV.from_string((folder / "footer.html").read_text(encoding="utf-8"))
-        self._text = _TEXT_ENV.from_string((folder / "footer.txt").read_text(encoding="utf-8"))
+    Written once with jinja2's i18n tags and translated by the gettext catalogues
+    (SPEC 14: in the recipient's language); compiled once per language, on first use.
+    """
 
-    def apply(self, rendered: Rendered, values: Mapping[str, str]) -> Rendered:
-        """Return ``rendered`` with the footer inserted before ``</body>`` (or appended)."""
-        footer_html = self._html.render(values)
+    def __init__(self, folder: Path, messages: MessageCatalogues | None = None) -> None:
+        self._sources = ((folder / "footer.html").read_text(encoding="utf-8"),
+                         (folder / "footer.txt").read_text(encoding="utf-8"))
+        # By default, the catalogues of the templates folder that holds ``_system``.
+        self.messages = messages if messages is not None else catalogues_for(folder.parent)
+        self._lock = threading.Lock()
+        self._compiled: dict[str, tuple[JinjaTemplate, JinjaTemplate]] = {}
+        self._parts(DEFAULT_LOCALE)  # a broken footer stops start-up, not the first send
+
+    def _parts(self, language: str) -> tuple[JinjaTemplate, JinjaTemplate]:
+        with self._lock:
+            found = self._compiled.get(language)
+        if found is not None:
+            return found
+        compiled = []
+        for autoescape, source in zip((True, False), self._sources, strict=True):
+            env = ImmutableSandboxedEnvironment(
+                autoescape=autoescape, undefined=StrictUndefined, keep_trailing_newline=True,
+                extensions=["jinja2.ext.i18n"])
+            env.install_gettext_translations(  # type: ignore[attr-defined]
+                self.messages.translations(language), newstyle=True)
+            compiled.append(env.from_string(source))
+        parts = (compiled[0], compiled[1])
+        with self._lock:
+            self._compiled[language] = parts
+        return parts
+
+    def apply(self, rendered: Rendered, values: Mapping[str, str], language: str = DEFAULT_LOCALE
+              ) -> Rendered:
+        """Return ``rendered`` with the footer, in ``language``, inserted before ``</body>``
+        (or appended)."""
+        html_part, text_part = self._parts(language)
+        footer_html = html_part.render(values)
         html = rendered.html
         at = html.lower().rfind("</body>")
         html = html[:at] + footer_html + html[at:] if at >= 0 else html + footer_html
-        return Rendered(rendered.subject, html, rendered.text + self._text.render(values))
+        return Rendered(rendered.subject, html, rendered.text + text_part.render(values))
 
 
 class Catalogue:
@@ -146,7 +257,9 @@ class Catalogue:
         for child in sorted(folder.iterdir()):
             if not child.name.startswith("_") and (child / "template.toml").is_file():
                 self._templates[child.name] = load_file_template(child)
-        self.footer = Footer(folder / "_system")
+        #: The gettext catalogues of the footer and the pages (SPEC 14).
+        self.messages = catalogues_for(folder)
+        self.footer = Footer(folder / "_system", self.messages)
         #: Asked for names no file template has: the stored marketing templates, wired by
         #: :class:`mailer.runtime.Runtime`. File templates always win a name.
         self.fallback: Callable[[str], Template | None] | None = None

@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import Connection, Row, func, insert, select, update
 
 from mailer.keys import ApiKey
+from mailer.mail.locales import translated
 from mailer.preferences.tokens import Token
 from mailer.runtime import Runtime
 from mailer.sending.accept import Acceptor, Refused, SendRequest
@@ -123,7 +124,10 @@ class DoubleOptIn:
                 )
             ).inserted_primary_key[0])  # type: ignore[index]
             sent = self._recent_mails(conn, recipient.email_hash, now)
-            title = topic_row(conn, topic).title
+            row = topic_row(conn, topic)
+            # SPEC 14: the title in the language the confirmation mail is written in.
+            title = translated(row.title, row.translations, "title",
+                               recipient.locale or self.rt.settings.default_locale)
         if sent >= self.limit:
             # The request stays pending: a link from an earlier mail still confirms it.
             return PendingGrant(request_id, "rate_limited")

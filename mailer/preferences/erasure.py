@@ -19,6 +19,7 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, bindparam, delete, or_, select, update
 
+from mailer.events.record import redact_recipient
 from mailer.runtime import Runtime
 from mailer.store.outbox import add_events
 from mailer.store.recipients import add_suppression, get_recipient
@@ -126,9 +127,10 @@ def erase(rt: Runtime, external_id: str) -> ErasureReport:
     with rt.engine.begin() as conn:
         person = get_recipient(conn, external_id)
         needle = person.email.lower()
-        cancelled, scrubbed = _scrub_messages(
-            conn, _message_ids(conn, person.id, person.email_hash), needle, now
-        )
+        ids = _message_ids(conn, person.id, person.email_hash)
+        cancelled, scrubbed = _scrub_messages(conn, ids, needle, now)
+        # Outbound event webhooks about them (SPEC 13) keep no address either.
+        redact_recipient(conn, person.id, ids)
         pseudonymised = _pseudonymise_ledger(conn, person.id, needle)
         conn.execute(delete(consent_requests)
                      .where(consent_requests.c.recipient_id == person.id))

@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from mailer.events.record import record_unsubscribe
 from mailer.preferences.tokens import Token
 from mailer.runtime import Runtime
 from mailer.store.recipients import (
@@ -115,6 +116,9 @@ class SelfService:
                 return False  # idempotent: the newest event is already a revoke
             record_consent(conn, recipient, topic, False, source,
                            self.rt.settings.policy_version, now, now)
+            # SPEC 13: the service hears of it from the same transaction.
+            record_unsubscribe(conn, now, topics=[topic], all_marketing=False, source=source,
+                               recipient_id=recipient_id)
         return True
 
     def unsubscribe_all(self, recipient_id: int, source: str) -> int:
@@ -125,6 +129,7 @@ class SelfService:
             if recipient is None:
                 return 0
             written = 0
+            revoked: list[str] = []
             for name, state in preferences(conn, recipient_id).items():
                 already_revoked = state["since"] is not None and not state["subscribed"]
                 # Sharing is not a topic: revoke it only when it is on, so that "all" writes
@@ -135,8 +140,12 @@ class SelfService:
                 record_consent(conn, recipient, name, False, source,
                                self.rt.settings.policy_version, now, now)
                 written += 1
-            add_suppression(conn, None, recipient.email_hash, "marketing", "unsubscribed",
-                            source, now)
+                revoked.append(name)
+            suppressed = add_suppression(conn, None, recipient.email_hash, "marketing",
+                                         "unsubscribed", source, now)
+            if written or suppressed:
+                record_unsubscribe(conn, now, topics=revoked, all_marketing=True,
+                                   source=source, recipient_id=recipient_id)
         return written
 
     def view(self, token: Token) -> PreferenceView | None:
@@ -201,4 +210,8 @@ class SelfService:
                                self.rt.settings.policy_version, now, now,
                                evidence if granted else None)
                 changed.append(name)
+            revokes = [name for name in changed if not wanted[name]]
+            if revokes:
+                record_unsubscribe(conn, now, topics=revokes, all_marketing=False,
+                                   source="preference_center", recipient_id=recipient_id)
         return SaveOutcome(tuple(changed), tuple(refused))

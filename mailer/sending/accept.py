@@ -26,6 +26,7 @@ from mailer.errors import (
 )
 from mailer.keys import ApiKey
 from mailer.mail.headers import check_header_value
+from mailer.mail.locales import normalise as normalise_locale
 from mailer.mail.templates import Template
 from mailer.runtime import Runtime
 from mailer.sending.compliance import require_postal_address
@@ -62,6 +63,8 @@ class SendRequest:
     idempotency_key: str | None = None
     send_at: datetime | None = None
     body: Mapping[str, Any] = field(default_factory=dict)
+    #: SPEC 14: the language version wanted, over the recipient's own locale.
+    locale: str | None = None
 
     def fingerprint(self) -> str:
         """A hash of the request body without its idempotency key."""
@@ -126,6 +129,8 @@ class _Prepared:
     email: str
     to_hash: str
     recipient_id: int | None = None
+    #: The linked profile's name, for the To of a caller who gave none (SPEC 6).
+    profile_name: str | None = None
 
 
 class Acceptor:
@@ -155,8 +160,11 @@ class Acceptor:
         if req.name is not None:
             check_header_value("to.name", req.name)
         # Render now so a missing variable is a 422 here, never a failure in the worker;
-        # the worker renders again (with the text part) when it builds the message.
-        rendered = template.render(req.data, derive_text=False)
+        # the worker renders again (with the text part) when it builds the message. The
+        # version rendered is the one the message's locale asks for: the recipient's own
+        # may pick another, which reads no variable the default does not (templates.py).
+        version, language = template.localised(req.locale, self.rt.settings.default_locale)
+        rendered = version.render(req.data, derive_text=False, language=language)
         check_header_value("subject", rendered.subject)
         return _Prepared(index, req, template, category, topic, address.email, address.hash)
 
@@ -214,12 +222,15 @@ class Acceptor:
                     "template": p.template.name, "topic": p.topic,
                     "recipient_id": p.recipient_id,
                     "to_email": None if erased else p.email,
-                    "to_name": None if erased else req.name,
+                    # SPEC 6: the To carries the name when known; the profile's, unless the
+                    # caller named the person (the profile holds this very address).
+                    "to_name": None if erased else (req.name or p.profile_name),
                     "to_hash": p.to_hash, "data": None if erased else dict(req.data),
                     "status": status,
                     "reason": decision.reason.value if decision.reason else None,
                     "attempts": 0, "message_id_header": message_id, "created_at": now,
                     "updated_at": now, "send_at": req.send_at,
+                    "locale": normalise_locale(req.locale),
                 })
                 result = Accepted(row_id, status, p.category, decision.reason)
                 outcomes[p.index] = result
@@ -292,29 +303,31 @@ class Acceptor:
         on their choices. Both sides are compared as keyed hashes of normalised addresses.
         """
         ext_ids = sorted({p.request.external_id for p in prepared if p.request.external_id})
-        by_ext: dict[str, tuple[int, str]] = {}
+        by_ext: dict[str, tuple[int, str, str | None]] = {}
         if ext_ids:
             for profile_row in conn.execute(
-                select(recipients.c.id, recipients.c.external_id, recipients.c.email_hash)
+                select(recipients.c.id, recipients.c.external_id, recipients.c.email_hash,
+                       recipients.c.name)
                 .where(recipients.c.external_id.in_(ext_ids))
             ):
-                by_ext[profile_row.external_id] = (profile_row.id, profile_row.email_hash)
+                by_ext[profile_row.external_id] = (
+                    profile_row.id, profile_row.email_hash, profile_row.name)
         hashes = sorted({p.to_hash for p in prepared if not p.request.external_id})
-        by_hash: dict[str, int] = {}
+        by_hash: dict[str, tuple[int, str | None]] = {}
         if hashes:
             for row in conn.execute(
-                select(recipients.c.id, recipients.c.email_hash)
+                select(recipients.c.id, recipients.c.email_hash, recipients.c.name)
                 .where(recipients.c.email_hash.in_(hashes))
                 .order_by(recipients.c.updated_at)
             ):
-                by_hash[row.email_hash] = row.id
+                by_hash[row.email_hash] = (row.id, row.name)
         resolved: list[_Prepared] = []
         for p in prepared:
             ext = p.request.external_id
             if not ext:
-                p.recipient_id = by_hash.get(p.to_hash)
+                p.recipient_id, p.profile_name = by_hash.get(p.to_hash, (None, None))
             elif ext in by_ext:
-                p.recipient_id, profile_hash = by_ext[ext]
+                p.recipient_id, profile_hash, p.profile_name = by_ext[ext]
                 if profile_hash != p.to_hash:
                     outcomes[p.index] = Refused(Conflict(
                         "the address is not the one on this recipient's profile; update the "

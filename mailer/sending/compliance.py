@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mailer.errors import ValidationFailed
+from mailer.mail.locales import DEFAULT_LOCALE
 from mailer.mail.templates import Footer, Rendered
 
 #: The reason a promotion is refused (422) or failed (worker) without a postal address.
@@ -61,12 +62,15 @@ def list_headers(topic: str, mail_domain: str, links: PromotionLinks) -> list[tu
 
 def add_footer(
     footer: Footer, rendered: Rendered, *, topic_title: str, links: PromotionLinks,
-    postal_address: str,
+    postal_address: str, language: str = DEFAULT_LOCALE,
 ) -> Rendered:
-    """``rendered`` with the footer: postal address, why the person gets it, both links."""
+    """``rendered`` with the footer: postal address, why the person gets it, both links.
+
+    Written in ``language`` (SPEC 14: the recipient's), from the gettext catalogues.
+    """
     return footer.apply(rendered, {
         "topic_title": topic_title,
         "unsubscribe_url": links.unsubscribe,
         "preferences_url": links.preferences,
         "postal_address": postal_address,
-    })
+    }, language)

@@ -14,12 +14,14 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import Row, select
+from sqlalchemy import Connection, Row, select
 
 from mailer.campaigns.lifecycle import send_context
 from mailer.errors import MailerError
 from mailer.inbound.addresses import InboundAddresses
+from mailer.mail.locales import requested, translated
 from mailer.mail.mime import Envelope, MessageBuilder
+from mailer.mail.stored import template_variables
 from mailer.mail.templates import Rendered
 from mailer.runtime import Runtime
 from mailer.sending.compliance import (
@@ -32,9 +34,9 @@ from mailer.sending.compliance import (
 from mailer.smtp.replies import Outcome as SmtpOutcome
 from mailer.smtp.replies import SendResult
 from mailer.store.facts import Target, load_states
-from mailer.store.outbox import Outcome, claim, finish
+from mailer.store.outbox import Outcome, claim, finish, renew_lease
 from mailer.store.recipients import add_suppression
-from mailer.store.schema import topics
+from mailer.store.schema import messages, recipients, topics
 from mailer.store.status import MessageStatus
 from suppression.policy import Category, Limits, Topic, decide
 
@@ -77,6 +79,17 @@ def backoff(attempt: int, base: timedelta, rng: random.Random = random.Random())
     return delay * factor
 
 
+def requested_locales(conn: Connection, ids: Sequence[str]) -> dict[str, str | None]:
+    """Per message id, the locale asked for: the message's own, else its recipient's now."""
+    if not ids:
+        return {}
+    rows = conn.execute(
+        select(messages.c.id, messages.c.locale, recipients.c.locale.label("profile_locale"))
+        .select_from(messages.outerjoin(recipients, recipients.c.id == messages.c.recipient_id))
+        .where(messages.c.id.in_(list(ids))))
+    return {r.id: requested(r.locale, r.profile_locale) for r in rows}
+
+
 class Dispatcher:
     """Runs the send procedure with the runtime's database and the given transport."""
 
@@ -115,11 +128,11 @@ class Dispatcher:
             topic_info: dict[str, Any] = {
                 t.name: t
                 for t in conn.execute(
-                    select(topics.c.name, topics.c.title, topics.c.third_party).where(
-                        topics.c.name.in_(names)
-                    )
+                    select(topics.c.name, topics.c.title, topics.c.third_party,
+                           topics.c.translations).where(topics.c.name.in_(names))
                 )
             }
+            locales = requested_locales(conn, [r.id for r in rows])
             # Campaign messages: the campaign's state and shared variables (SPEC 9).
             campaign = send_context(conn, sorted({r.campaign_id for r in rows if r.campaign_id}))
             shared = {key: context.data for key, context in campaign.items()}
@@ -168,14 +181,38 @@ class Dispatcher:
             report.outcomes[o.status] = report.outcomes.get(o.status, 0) + 1
         # Record after every slice, not once per chunk: a worker killed between a 250 and
         # our commit resends what it had not recorded, so the slice bounds the duplicates.
+        held, lost = now + settings.send_lease, set[str]()
         for start in range(0, len(to_send), self.slice_size):
-            self._send_slice(to_send[start : start + self.slice_size], topic_info, report,
-                             shared)
+            held = self._keep_lease(to_send[start:], held, lost)
+            part = [r for r in to_send[start : start + self.slice_size] if r.id not in lost]
+            if part:
+                self._send_slice(part, topic_info, report, shared, locales)
         return report
+
+    def _keep_lease(self, rest: list[Row[Any]], held: datetime, lost: set[str]) -> datetime:
+        """Once half the lease is spent (a slow relay, a paced domain), renew it on the
+        rows still to send; add those no longer ours to ``lost``; return the lease's end.
+
+        A lease that ran out lets the sweeper hand the row to another worker; sending it
+        here too would be a duplicate, so a row whose lease is no longer ours is dropped.
+        """
+        lease = self.rt.settings.send_lease
+        now = self.rt.clock()
+        if held - now > lease / 2:
+            return held
+        until = now + lease
+        ids = [r.id for r in rest if r.id not in lost]
+        with self.rt.engine.begin() as conn:
+            kept = renew_lease(conn, ids, held, until)
+        if len(kept) < len(ids):
+            log.warning("lease lost on %d messages: another worker has them",
+                        len(ids) - len(kept))
+            lost.update(set(ids) - kept)
+        return until
 
     def _send_slice(
         self, to_send: list[Row[Any]], topic_info: dict[str, Any], report: Report,
-        shared: Mapping[str, Mapping[str, Any]],
+        shared: Mapping[str, Mapping[str, Any]], locales: Mapping[str, str | None],
     ) -> None:
         now = self.rt.clock()
         envelopes: list[Envelope] = []
@@ -183,7 +220,8 @@ class Dispatcher:
         failed_render: list[Outcome] = []
         for row in to_send:
             try:
-                envelopes.append(self._build(row, topic_info, now, shared))
+                envelopes.append(self._build(row, topic_info, now, shared,
+                                             locales.get(row.id)))
                 sendable.append(row)
             except MailerError as exc:
                 # The template changed since acceptance and no longer renders: permanent.
@@ -239,16 +277,27 @@ class Dispatcher:
                        smtp_response=text, next_attempt_at=retry_at)
 
     def _build(self, row: Row[Any], topic_info: dict[str, Any], now: datetime,
-               shared: Mapping[str, Mapping[str, Any]]) -> Envelope:
-        template = self.rt.catalogue.get(row.template)
+               shared: Mapping[str, Mapping[str, Any]], wanted: str | None = None) -> Envelope:
+        default_locale = self.rt.settings.default_locale
+        # SPEC 14: the message's locale, else the recipient's, picks the version.
+        chosen = self.rt.catalogue.get(row.template)
+        template, language = chosen.localised(wanted, default_locale)
         data = row.data or {}
         if row.campaign_id:
             # The campaign's data first; the recipient's profile fields win over it.
             data = {**shared.get(row.campaign_id, {}), **data}
-        rendered: Rendered = template.render(data)
+        if row.recipient_id is not None and "preferences_url" not in data and \
+                "preferences_url" in (template_variables(self.rt.catalogue, chosen) or ()):
+            # Any template may offer the person their preference centre (the policy_update
+            # notice must: SPEC 14), bound to the address this mail goes to (SPEC 3).
+            token = self.rt.signer.sign("p", row.recipient_id, email_hash=row.to_hash)
+            data = {**data, "preferences_url": self.rt.url(f"/preferences/{token}")}
+        rendered: Rendered = template.render(data, language=language)
         extra: list[tuple[str, str]] = []
         if row.category == Category.PROMOTION.value:
-            rendered, extra = self._promotion_parts(row, rendered, topic_info[row.topic])
+            footer_language = self.rt.catalogue.messages.language_for(wanted, default_locale)
+            rendered, extra = self._promotion_parts(row, rendered, topic_info[row.topic],
+                                                    footer_language)
         envelope = self.builder.build(
             to_email=row.to_email,
             to_name=row.to_name,
@@ -258,6 +307,7 @@ class Dispatcher:
             message_id=row.message_id_header,
             date=now,
             extra_headers=extra,
+            content_language=language,
         )
         return replace(envelope, sender=self._envelope_sender(row.id, envelope.sender))
 
@@ -271,7 +321,7 @@ class Dispatcher:
         return self.rt.settings.return_path or from_address
 
     def _promotion_parts(
-        self, row: Row[Any], rendered: Rendered, topic: Row[Any]
+        self, row: Row[Any], rendered: Rendered, topic: Row[Any], language: str,
     ) -> tuple[Rendered, list[tuple[str, str]]]:
         """Footer and RFC 8058/2369/2919 headers that every promotion carries (SPEC 6)."""
         signer = self.rt.signer
@@ -289,6 +339,9 @@ class Dispatcher:
         )
         links = PromotionLinks(unsubscribe=unsubscribe, preferences=preferences,
                                unsubscribe_mailto=mailto)
-        rendered = add_footer(self.rt.catalogue.footer, rendered, topic_title=topic.title,
-                              links=links, postal_address=self.rt.settings.postal_address or "")
+        # SPEC 14: the footer, and the topic's title in it, in the recipient's language.
+        title = translated(topic.title, topic.translations, "title", language)
+        rendered = add_footer(self.rt.catalogue.footer, rendered, topic_title=title,
+                              links=links, postal_address=self.rt.settings.postal_address or "",
+                              language=language)
         return rendered, list_headers(row.topic, self.rt.mail_domain, links)

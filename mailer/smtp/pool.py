@@ -1,7 +1,12 @@
 """A pool of reused SMTP connections to one relay, over aiosmtplib (SPEC 5, 6).
 
 Each attempt is reported as a plain :class:`~mailer.smtp.replies.SendResult`; what a
-reply means is decided in :mod:`mailer.smtp.replies`, never here.
+reply means is decided in :mod:`mailer.smtp.replies`, never here. When the relay offers
+PIPELINING (RFC 2920), a connection's transactions go through
+:class:`~mailer.smtp.pipelining.Link` (two round trips per message instead of four);
+otherwise through aiosmtplib's commands one at a time. The session itself is
+:class:`~mailer.smtp.connection.PooledConnection`; one transaction on it is
+:func:`~mailer.smtp.transaction.transact`. This module opens, reuses and retires them.
 """
 
 from __future__ import annotations
@@ -12,28 +17,37 @@ import logging
 import ssl
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import aiosmtplib
 from aiosmtplib import SMTPStatus
 
-from mailer.errors import ConfigError
+from mailer.smtp.connection import PooledConnection, tls_context
 from mailer.smtp.helo import helo_name
+from mailer.smtp.pipelining import Link
 from mailer.smtp.replies import (
     EnvelopeLike,
     Outcome,
     SendResult,
     Stage,
-    all_refused,
     envelope_problem,
     local_failure,
     redacted,
     reply,
 )
+from mailer.smtp.transaction import transact
 
 if TYPE_CHECKING:
     from mailer.config import Settings
+
+__all__ = [
+    "DEFAULT_CONNECT_BACKOFF",
+    "DEFAULT_IDLE_CHECK_AFTER",
+    "DEFAULT_MAX_CONNECTION_AGE",
+    "DEFAULT_MAX_MESSAGES_PER_CONNECTION",
+    "SmtpTransport",
+    "tls_context",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -54,53 +68,12 @@ DEFAULT_CONNECT_BACKOFF = 5.0
 _MAX_LOGGED_REFUSALS = 256
 
 
-def tls_context(ca_file: str | None) -> ssl.SSLContext | None:
-    """A verifying client context trusting the system store plus ``MAILER_SMTP_CA_FILE``.
-
-    None without a CA file: aiosmtplib then builds its own default (system store) context.
-    """
-    if not ca_file:
-        return None
-    context = ssl.create_default_context()
-    try:
-        # Added to the system store, not instead of it: a relay may move to a public CA.
-        context.load_verify_locations(cafile=ca_file)
-    except FileNotFoundError:
-        raise ConfigError(f"MAILER_SMTP_CA_FILE {ca_file!r} does not exist") from None
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(
-            f"MAILER_SMTP_CA_FILE {ca_file!r} holds no readable PEM certificate "
-            f"({getattr(exc, 'reason', None) or exc.strerror or type(exc).__name__})"
-        ) from None
-    return context
-
-
 class _ConnectFailed(Exception):
     """Raised inside the pool when a new connection cannot be made ready."""
 
     def __init__(self, result: SendResult) -> None:
         super().__init__(result.response)
         self.result = result
-
-
-def _failure(smtp: aiosmtplib.SMTP, exc: Exception, stage: Stage, local: Outcome) -> SendResult:
-    """Turn what one step raised into a result; anything but a 4xx/5xx reply is ``local``."""
-    if isinstance(exc, aiosmtplib.SMTPResponseException) and 400 <= exc.code < 600:
-        return reply(exc.code, exc.message, stage)
-    # Lost, timed out, or a reply we cannot read (the session is out of step): never reuse.
-    smtp.close()
-    if isinstance(exc, aiosmtplib.SMTPResponseException):
-        return SendResult(local, None, f"unexpected reply {exc.code}", stage)
-    return local_failure(exc, stage, local)
-
-
-@dataclass
-class _Connection:
-    smtp: aiosmtplib.SMTP
-    generation: int
-    opened_at: float
-    last_used: float
-    transactions: int = 0
 
 
 class SmtpTransport:
@@ -122,6 +95,7 @@ class SmtpTransport:
         max_connection_age: float = DEFAULT_MAX_CONNECTION_AGE,
         max_messages_per_connection: int = DEFAULT_MAX_MESSAGES_PER_CONNECTION,
         connect_backoff: float = DEFAULT_CONNECT_BACKOFF,
+        pipelining: bool = True,
     ) -> None:
         if security not in ("none", "starttls", "tls"):
             raise ValueError("security must be none, starttls or tls")
@@ -140,9 +114,11 @@ class SmtpTransport:
         self._max_age = max_connection_age
         self._max_transactions = max_messages_per_connection
         self._connect_backoff = connect_backoff
+        #: Use RFC 2920 pipelining with servers that offer it (False: never).
+        self.pipelining = pipelining
         self._connect_failure: tuple[float, SendResult] | None = None
         self._slots = asyncio.Semaphore(pool_size)
-        self._idle: list[_Connection] = []
+        self._idle: list[PooledConnection] = []
         self._generation = 0
         self._logged: set[tuple[int | None, str, str]] = set()
 
@@ -160,6 +136,9 @@ class SmtpTransport:
             # SPEC 6: never "localhost", which relays refuse (RFC 5321 4.1.1.1).
             local_hostname=helo_name(settings.smtp_helo_name, settings.mail_from),
             tls_context=tls_context(settings.smtp_ca_file),
+            # MAILER_SMTP_PIPELINING=false turns RFC 2920 off for a relay that offers it
+            # but mishandles it (read when the settings carry it; on by default).
+            pipelining=bool(getattr(settings, "smtp_pipelining", True)),
         )
 
     async def send_many(self, envelopes: Sequence[EnvelopeLike]) -> list[SendResult]:
@@ -183,7 +162,7 @@ class SmtpTransport:
             except _ConnectFailed as exc:
                 return exc.result
             reused = conn.transactions > 0
-            result, reusable = await self._transact(conn, envelope)
+            result, reusable = await transact(conn, envelope)
             if reused and result.stage is Stage.MAIL and result.outcome is Outcome.DEFERRED and (
                 result.code is None or result.code == SMTPStatus.domain_unavailable
             ):
@@ -195,7 +174,7 @@ class SmtpTransport:
                     conn = await self._open()
                 except _ConnectFailed as exc:
                     return exc.result
-                result, reusable = await self._transact(conn, envelope)
+                result, reusable = await transact(conn, envelope)
             await self._checkin(conn, reusable)
             return result
 
@@ -205,67 +184,9 @@ class SmtpTransport:
         idle, self._idle = self._idle, []
         await asyncio.gather(*(self._quit(conn) for conn in idle))
 
-    # -- one transaction -------------------------------------------------------------
-
-    async def _transact(self, conn: _Connection, envelope: EnvelopeLike) -> tuple[SendResult, bool]:
-        """Run MAIL, RCPT, DATA as separate steps so the failing stage is known."""
-        smtp = conn.smtp
-        try:
-            result = await self._mail_rcpt_data(smtp, envelope)
-        except BaseException:
-            # Cancelled mid-transaction: the protocol state is unknown, so never reuse it.
-            smtp.close()
-            raise
-        finally:
-            conn.transactions += 1
-            conn.last_used = time.monotonic()
-        if not smtp.is_connected:
-            return result, False
-        if result.outcome is Outcome.SENT:
-            return result, True
-        if result.code == SMTPStatus.domain_unavailable:
-            return result, False  # 421: the server is closing the channel (RFC 5321 3.8)
-        # RFC 5321 section 4.1.1.5: RSET clears a failed or half-built transaction.
-        try:
-            await smtp.rset()
-        except (aiosmtplib.SMTPException, OSError):
-            return result, False
-        return result, True
-
-    async def _mail_rcpt_data(self, smtp: aiosmtplib.SMTP, envelope: EnvelopeLike) -> SendResult:
-        options: list[str] = []
-        if not envelope.data.isascii() and smtp.supports_extension("8bitmime"):
-            options.append("BODY=8BITMIME")  # RFC 6152 section 3
-        try:
-            await smtp.mail(envelope.sender, options=options)
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            return _failure(smtp, exc, Stage.MAIL, Outcome.DEFERRED)
-
-        refused: list[tuple[str, SendResult]] = []
-        for recipient in envelope.recipients:
-            try:
-                await smtp.rcpt(recipient)
-            except (aiosmtplib.SMTPException, OSError) as exc:
-                # Nothing of the message went out yet, so a retry cannot duplicate it.
-                result = _failure(smtp, exc, Stage.RCPT, Outcome.DEFERRED)
-                if result.code is None or result.code == SMTPStatus.domain_unavailable:
-                    return result  # lost, or 421 closing: the whole attempt is deferred
-                refused.append((recipient, result))
-        if len(refused) == len(envelope.recipients):
-            return all_refused(refused)
-
-        try:
-            response = await smtp.data(envelope.data)
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            # RFC 5321 section 6.1: once the data is on the wire a lost reply does not mean
-            # a lost message; the server may already hold it, so this must not be "failed"
-            # and a blind resend may duplicate it.
-            return _failure(smtp, exc, Stage.DATA, Outcome.UNKNOWN)
-        return SendResult(Outcome.SENT, response.code, response.message, None, tuple(refused))
-
     # -- the pool ------------------------------------------------------------------------
 
-    async def _checkout(self) -> _Connection:
+    async def _checkout(self) -> PooledConnection:
         """Hand out the most recently used healthy idle connection, else open a new one."""
         now = time.monotonic()
         while self._idle:
@@ -275,22 +196,22 @@ class SmtpTransport:
                 continue
             if now - conn.last_used > self._idle_check_after:
                 try:
-                    await conn.smtp.noop()
+                    await conn.noop()
                 except (aiosmtplib.SMTPException, OSError):
                     self._discard(conn)
                     continue
             return conn
         return await self._open()
 
-    def _still_good(self, conn: _Connection, now: float) -> bool:
+    def _still_good(self, conn: PooledConnection, now: float) -> bool:
         return (
             conn.generation == self._generation
-            and conn.smtp.is_connected
+            and conn.is_connected
             and now - conn.opened_at < self._max_age
             and conn.transactions < self._max_transactions
         )
 
-    async def _checkin(self, conn: _Connection, reusable: bool) -> None:
+    async def _checkin(self, conn: PooledConnection, reusable: bool) -> None:
         if not reusable:
             self._discard(conn)
         elif self._still_good(conn, time.monotonic()):
@@ -298,7 +219,7 @@ class SmtpTransport:
         else:
             await self._quit(conn)
 
-    async def _open(self) -> _Connection:
+    async def _open(self) -> PooledConnection:
         if self._connect_failure is not None:
             failed_at, failure = self._connect_failure
             if time.monotonic() - failed_at < self._connect_backoff:
@@ -311,7 +232,7 @@ class SmtpTransport:
         self._connect_failure = None
         return conn
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self) -> PooledConnection:
         smtp = aiosmtplib.SMTP(
             hostname=self.host,
             port=self.port,
@@ -335,6 +256,10 @@ class SmtpTransport:
                     await smtp.ehlo()
                 except aiosmtplib.SMTPHeloError:
                     await smtp.helo()
+            link = None
+            if self.pipelining and smtp.supports_extension("pipelining"):
+                # RFC 2920 section 3.1: only a server that says so in its EHLO reply.
+                link = Link(smtp, self.timeout)
         except aiosmtplib.SMTPResponseException as exc:
             smtp.close()
             # Greeting, EHLO, STARTTLS or AUTH refusals concern the relay, not this
@@ -354,7 +279,7 @@ class SmtpTransport:
                                result.response)
             raise _ConnectFailed(result) from None
         now = time.monotonic()
-        return _Connection(smtp, self._generation, opened_at=now, last_used=now)
+        return PooledConnection(smtp, self._generation, opened_at=now, last_used=now, link=link)
 
     def _log_refusal(self, result: SendResult) -> None:
         """Log a relay refusal once per distinct reply, without addresses (SPEC 5)."""
@@ -371,14 +296,12 @@ class SmtpTransport:
             self.host, self.port, result.stage, result.code or "-", text,
         )
 
-    def _discard(self, conn: _Connection) -> None:
-        conn.smtp.close()
+    def _discard(self, conn: PooledConnection) -> None:
+        conn.close()
 
-    async def _quit(self, conn: _Connection) -> None:
+    async def _quit(self, conn: PooledConnection) -> None:
         # QUIT is a courtesy (RFC 5321 section 4.1.1.10); a dead peer must not delay us.
-        if conn.smtp.is_connected:
-            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
-                await conn.smtp.quit(timeout=min(self.timeout, 5.0))
-        conn.smtp.close()
-
-
+        if conn.is_connected:
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+                await conn.quit(min(self.timeout, 5.0))
+        conn.close()

@@ -17,6 +17,8 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP
 
+from mailer.smtp.sink_view import SinkView
+
 #: Where ``python -m mailer.smtp.sink`` stores messages unless ``--dir`` says otherwise.
 DEFAULT_SINK_DIR = Path("var/sink")
 
@@ -88,27 +90,42 @@ def _bound_port(server: asyncio.Server) -> int:
     return int(server.sockets[0].getsockname()[1])
 
 
-async def serve_sink(host: str, port: int, directory: Path) -> None:
-    """Run the capturing sink until SIGINT/SIGTERM or cancellation."""
+async def serve_sink(
+    host: str, port: int, directory: Path, view_port: int | None = None
+) -> None:
+    """Run the capturing sink until SIGINT/SIGTERM or cancellation; with ``view_port``,
+    also its read-only web view on that loopback port (0 picks a free one)."""
     handler = CapturingHandler(directory)
+    # Bound first: a taken view port stops us before the SMTP port is held.
+    view = SinkView(directory, view_port) if view_port is not None else None
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        lambda: SMTP(handler, enable_SMTPUTF8=True, hostname="mailer-sink"), host, port
-    )
+    try:
+        server = await loop.create_server(
+            lambda: SMTP(handler, enable_SMTPUTF8=True, hostname="mailer-sink"), host, port
+        )
+    except BaseException:
+        if view is not None:
+            view.stop()
+        raise
     print(f"sink listening on {host}:{_bound_port(server)}, storing in {directory}", flush=True)
+    if view is not None:
+        view.start()
+        print(f"sink view on {view.url}", flush=True)
     try:
         await _until_signalled()
     finally:
         server.close()
+        if view is not None:
+            view.stop()
         await server.wait_closed()
 
 
-def run_sink(host: str, port: int, directory: Path) -> None:
+def run_sink(host: str, port: int, directory: Path, view_port: int | None = None) -> None:
     """Run the development capturing SMTP server in the foreground (``mailer sink``)."""
     # aiosmtpd logs envelope addresses at INFO on "mail.log"; our privacy rule forbids it.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve_sink(host, port, directory))
+        asyncio.run(serve_sink(host, port, directory, view_port))
 
 
 # -- the fast benchmark sink -------------------------------------------------------------
@@ -281,12 +298,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "with --fast, store only when given)")
     parser.add_argument("--counter-file", type=Path, default=None,
                         help="with --fast: keep the message count in this file")
+    parser.add_argument("--view-port", type=int, default=None,
+                        help="serve the web view of captured mail on this loopback port "
+                             "(0 picks a free one)")
     args = parser.parse_args(argv)
     if args.fast:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(serve_fast_sink(args.host, args.port, args.counter_file, args.dir))
     else:
-        run_sink(args.host, args.port, args.dir or DEFAULT_SINK_DIR)
+        run_sink(args.host, args.port, args.dir or DEFAULT_SINK_DIR, args.view_port)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,12 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def make_engine(url: str) -> Engine:
-    """Create an engine for ``url``, creating the SQLite file's folder when needed."""
+def make_engine(url: str, pool_size: int | None = None) -> Engine:
+    """Create an engine for ``url``, creating the SQLite file's folder when needed.
+
+    ``pool_size`` caps a server database's connections from this process exactly (a
+    worker passes its threads + 1); without it the pool may grow to 30.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -43,6 +47,10 @@ def make_engine(url: str) -> Engine:
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    if pool_size is not None:
+        # A hard cap, no overflow: PostgreSQL's max_connections is shared by every process
+        # on every host, so each one's share must be known (docs/capacity.md).
+        return create_engine(url, pool_size=pool_size, max_overflow=0, pool_pre_ping=True)
     return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
 
 

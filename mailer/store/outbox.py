@@ -3,6 +3,10 @@
 The database is the source of truth. Every transition names the state it expects, so two
 workers never both claim a row, and a redelivered queue message for a finished row is a
 no-op.
+
+Each state change that a service hears about (SPEC 13) writes its event here, in the same
+transaction, through :mod:`mailer.events.record`: ``insert_messages`` for messages
+suppressed (or failed) at acceptance, ``finish`` and ``transition`` for the rest.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, and_, bindparam, insert, or_, select, update
 
+from mailer.events.record import MessageChange, record_message_changes
 from mailer.store.schema import message_events, messages
 from mailer.store.status import MessageStatus
 
@@ -54,6 +59,8 @@ def insert_messages(conn: Connection, rows: Sequence[Mapping[str, Any]], now: da
             for r in rows
         ],
     )
+    record_message_changes(
+        conn, [MessageChange(r["id"], r["status"], r.get("reason")) for r in rows], now)
 
 
 def claim(
@@ -75,9 +82,20 @@ def claim(
         and_(status == MessageStatus.DEFERRED, messages.c.next_attempt_at <= now),
         and_(status == MessageStatus.SENDING, messages.c.lease_until < now),
     )
+    mine = messages.c.id.in_(list(ids))
+    if conn.dialect.name == "postgresql":
+        # Rows another worker is claiming right now (a redelivered or re-swept chunk) are
+        # skipped instead of waited for: that worker gets them, or, if its transaction
+        # fails, the sweeper re-enqueues them. Waiting would serialise workers on each
+        # other's claim transactions, and two chunks locking rows in different orders
+        # could deadlock. The compare-and-set still decides: a row we lock is checked on
+        # its newest version, so no row is claimed twice.
+        locked = (select(messages.c.id).where(mine, claimable)
+                  .with_for_update(skip_locked=True))
+        mine = messages.c.id.in_(locked.scalar_subquery())
     statement = (
         update(messages)
-        .where(messages.c.id.in_(list(ids)), claimable)
+        .where(mine, claimable)
         .values(
             status=MessageStatus.SENDING,
             attempts=messages.c.attempts + 1,
@@ -87,6 +105,27 @@ def claim(
         .returning(*_CLAIM_COLUMNS)
     )
     return list(conn.execute(statement))
+
+
+def renew_lease(
+    conn: Connection, ids: Sequence[str], held_until: datetime, until: datetime
+) -> set[str]:
+    """Extend to ``until`` the lease of those ``ids`` this worker still holds; return them.
+
+    The lease's end is the holder's token: the claim set it to ``held_until``, and a row
+    whose lease ran out and that another worker then claimed carries that worker's end
+    instead, so it is not renewed here and the caller must not send it.
+    """
+    if not ids:
+        return set()
+    result = conn.execute(
+        update(messages)
+        .where(messages.c.id.in_(list(ids)), messages.c.status == MessageStatus.SENDING,
+               messages.c.lease_until == held_until)
+        .values(lease_until=until)
+        .returning(messages.c.id)
+    )
+    return {row.id for row in result}
 
 
 def finish(conn: Connection, outcomes: Iterable[Outcome], now: datetime) -> int:
@@ -127,6 +166,8 @@ def finish(conn: Connection, outcomes: Iterable[Outcome], now: datetime) -> int:
         [(o.id, o.event or o.status, o.reason or o.smtp_response) for o in outcomes],
         now,
     )
+    record_message_changes(
+        conn, [MessageChange(o.id, o.status, o.reason, o.smtp_code) for o in outcomes], now)
     return int(result.rowcount or 0)
 
 
@@ -159,6 +200,7 @@ def transition(
     changed = bool(result.rowcount)
     if changed:
         add_events(conn, [(message_id, event or status, reason)], now)
+        record_message_changes(conn, [MessageChange(message_id, status, reason)], now)
     return changed
 
 
@@ -170,9 +212,14 @@ def due_for_sweep(
     Covers rows left ``queued`` (the enqueue after commit was lost: Redis down, process
     killed), ``sending`` rows whose lease expired (worker killed mid-send), ``deferred``
     rows overdue for their retry, and ``scheduled`` rows whose time has come.
+
+    Several schedulers may sweep at once: ``scheduled`` and ``queued`` rows are taken by
+    compare-and-set, so each is moved, and enqueued, by one of them only. (Rows a worker
+    must claim anyway, ``sending`` and ``deferred``, may be enqueued twice: the claim makes
+    the second a no-op.)
     """
     stale = now - stale_after
-    due_scheduled = [
+    candidates = [
         r.id
         for r in conn.execute(
             select(messages.c.id)
@@ -180,23 +227,38 @@ def due_for_sweep(
             .limit(limit)
         )
     ]
-    if due_scheduled:
-        conn.execute(
+    due_scheduled = [
+        r.id
+        for r in conn.execute(
             update(messages)
-            .where(messages.c.id.in_(due_scheduled),
-                   messages.c.status == MessageStatus.SCHEDULED)
+            .where(messages.c.id.in_(candidates), messages.c.status == MessageStatus.SCHEDULED)
             .values(status=MessageStatus.QUEUED, updated_at=now)
+            .returning(messages.c.id)
         )
+    ] if candidates else []
+    if due_scheduled:
         add_events(conn, [(mid, MessageStatus.QUEUED, "send_at reached")
                           for mid in due_scheduled], now)
+    # Queued rows are touched so the next sweep does not enqueue them again at once; the
+    # stale condition, repeated in the update, makes it a compare-and-set.
+    stale_queued = and_(messages.c.status == MessageStatus.QUEUED, messages.c.updated_at < stale)
+    requeued = [
+        r.id
+        for r in conn.execute(
+            update(messages)
+            .where(messages.c.id.in_(
+                select(messages.c.id).where(stale_queued).limit(limit).scalar_subquery()),
+                stale_queued)
+            .values(updated_at=now)
+            .returning(messages.c.id)
+        )
+    ]
     stuck = [
         r.id
         for r in conn.execute(
             select(messages.c.id)
             .where(
                 or_(
-                    and_(messages.c.status == MessageStatus.QUEUED,
-                         messages.c.updated_at < stale),
                     and_(messages.c.status == MessageStatus.SENDING,
                          messages.c.lease_until < now),
                     and_(messages.c.status == MessageStatus.DEFERRED,
@@ -206,11 +268,4 @@ def due_for_sweep(
             .limit(limit)
         )
     ]
-    if stuck:
-        # Touch queued rows so the next sweep does not enqueue them again at once.
-        conn.execute(
-            update(messages)
-            .where(messages.c.id.in_(stuck), messages.c.status == MessageStatus.QUEUED)
-            .values(updated_at=now)
-        )
-    return due_scheduled + stuck
+    return due_scheduled + requeued + stuck

@@ -11,6 +11,7 @@ from sqlalchemy import Connection, Row, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from mailer.errors import Conflict, NotFound, ValidationFailed
+from mailer.store.policy_versions import version_in_force
 from mailer.store.schema import consent_events, recipients, suppressions, topics
 from suppression.consent import SOURCES, THIRD_PARTY_SHARING, ConsentEvent, current, grant_conflicts
 
@@ -138,8 +139,16 @@ def record_consent(
     occurred_at: datetime,
     now: datetime,
     evidence: Mapping[str, Any] | None = None,
+    *,
+    explicit_version: bool = False,
 ) -> int:
-    """Append a consent event after checking the no-silent-re-subscription rule (SPEC 3)."""
+    """Append a consent event after checking the no-silent-re-subscription rule (SPEC 3).
+
+    The event records the privacy-policy version in force at ``occurred_at`` (SPEC 14);
+    ``policy_version`` is the configured one, used while no registered version has taken
+    effect, unless ``explicit_version`` says the caller named it (SPEC 7's
+    ``policy_version`` field).
+    """
     if source not in SOURCES:
         raise ValidationFailed(
             f"unknown consent source; choose from {', '.join(sorted(SOURCES))}",
@@ -150,6 +159,8 @@ def record_consent(
     if granted:
         refuse_silent_resubscription(conn, recipient.id, topic, source,
                                      has_evidence=bool(evidence))
+    if not explicit_version:
+        policy_version = version_in_force(conn, occurred_at, policy_version)
     result = conn.execute(
         insert(consent_events).values(
             recipient_id=recipient.id,

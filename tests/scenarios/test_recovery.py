@@ -1,4 +1,7 @@
-"""Accepted work survives a SIGKILLed worker: the outbox sweeper and leases recover it."""
+"""Accepted work survives a SIGKILLed worker: the outbox sweeper and leases recover it.
+
+Run over both brokers (SPEC 10): Redis, and RabbitMQ through ``MAILER_BROKER_URL``.
+"""
 
 from __future__ import annotations
 
@@ -18,14 +21,24 @@ N_BATCHES = 3
 BATCH = 100
 
 
-@pytest.fixture()
-def isolated(db_url: str) -> Any:
-    """Its own Redis and SMTP server, so only this test's workers see its queue."""
+@pytest.fixture(params=["redis", "rabbitmq"])
+def isolated(request: pytest.FixtureRequest, db_url: str) -> Any:
+    """Its own Redis and SMTP server, so only this test's workers see its queue; with
+    RabbitMQ as the broker, the session's server with its send queue emptied first."""
     from tests.smtp_servers import running_smtp_server
 
     require("redis-server", redis_server_available(), "redis-server is not installed")
     with RedisServer() as redis, running_smtp_server() as (_, port, recorder):
-        yield base_env(db_url, redis.url, port, MAILER_SEND_LEASE="3s"), recorder
+        env = base_env(db_url, redis.url, port, MAILER_SEND_LEASE="3s")
+        if request.param == "rabbitmq":
+            from mailer.sending.queue import SEND_QUEUE, BrokerEnqueuer
+
+            rabbitmq = request.getfixturevalue("rabbitmq_server")
+            env["MAILER_BROKER_URL"] = rabbitmq.url
+            enqueuer = BrokerEnqueuer(rabbitmq.url)
+            enqueuer.broker.flush(SEND_QUEUE)
+            enqueuer.close()
+        yield env, recorder
 
 
 def test_sigkilled_worker_loses_nothing(isolated: Any) -> None:

@@ -139,6 +139,7 @@ ENTRY_POINTS = {
     "dramatiq worker": [sys.executable, "-m", "dramatiq", "workers.actors", "--processes", "1",
                         "--threads", "1"],
     "scheduler": [sys.executable, "-m", "workers.scheduler"],
+    "inbound listener": [sys.executable, "-m", "mailer.cli", "inbound"],
 }
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import uuid
+import secrets
 from datetime import timedelta
 from typing import Any
 
@@ -22,7 +22,7 @@ def row(rt: Runtime, status: str, **extra: Any) -> dict[str, Any]:
     base = {
         "id": row_id, "api_key_id": 0, "category": "registration_confirmation",
         "template": "registration_confirmation", "topic": None, "recipient_id": None,
-        "to_email": "sweep@example.org", "to_name": None, "to_hash": uuid.uuid4().hex,
+        "to_email": "sweep@example.org", "to_name": None, "to_hash": secrets.token_hex(32),
         "data": {}, "status": status, "reason": None, "attempts": 0,
         "message_id_header": header, "created_at": now, "updated_at": now, "send_at": None,
     }
@@ -46,7 +46,8 @@ def test_sweep_reenqueues_lost_work_and_expires_soft_bounce_blocks(runtime: Any)
         "overdue_retry": row(rt, "deferred", next_attempt_at=old),
         "sent": row(rt, "sent", updated_at=old),
     }
-    soft_hash, hard_hash = uuid.uuid4().hex, uuid.uuid4().hex
+    # Keyed address hashes are 64 hex digits (HMAC-SHA256), like every real entry
+    soft_hash, hard_hash = secrets.token_hex(32), secrets.token_hex(32)
     with rt.engine.begin() as conn:
         insert_messages(conn, list(rows.values()), now)
         add_suppression(conn, None, soft_hash, "all", "soft_bounce_limit", "test", old,

@@ -1,0 +1,277 @@
+"""The default deployment, run as a user runs it: the Procfile's commands, DKIM on.
+
+The Procfile's ``web``, ``worker`` and ``scheduler`` lines run exactly as written (through
+``bash -c``, with the project's interpreter first on PATH and ``PORT`` set), with nothing
+but the settings a user must give: database, Redis, relay, secret, sender, public URL,
+postal address, templates and a DKIM key (``MAILER_DKIM_*``). Everything else keeps its
+default (SMTP pool, uvicorn workers, dramatiq processes and threads). One deployment
+serves three measured phases, against a fresh SQLite database per run:
+
+1. **single sends**: ``POST /v1/messages/batch`` (500 per request, 2 clients), from the
+   first request to the sink's 250 for the last message;
+2. **campaign**: ``POST /v1/campaigns`` to opted-in readers; the scheduler fans it out
+   while the workers send, from the request to the last 250;
+3. **latency**: small batches offered at half the rate phase 1 reached; for each queued
+   message, the time from the API's 202 to the sink's 250 (p50, p99).
+
+CPU per message is measured per process group (web, worker, scheduler, Redis, sink).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from sqlalchemy import func, select
+
+from bench import campaign, content, pipeline
+from bench.procs import ROOT, BenchError, Group, Proc, free_port, wait_until
+from bench.stack import Config, Measurement, Sink, Window
+from mailer.keys import create_key
+from mailer.store.db import make_engine, upgrade
+from mailer.store.schema import messages
+
+PROCFILE = ROOT / "Procfile"
+#: The Procfile processes this scenario runs (``inbound`` idles without an inbound domain).
+PROCESSES = ("web", "worker", "scheduler")
+#: Messages per request in the latency phase (an application sending as its events occur).
+LATENCY_BATCH = 10
+#: Share of phase 1's rate offered in the latency phase.
+LATENCY_LOAD = 0.5
+
+
+def procfile() -> dict[str, str]:
+    """The Procfile's commands by process name."""
+    commands: dict[str, str] = {}
+    for line in PROCFILE.read_text().splitlines():
+        name, sep, command = line.partition(":")
+        if sep and name.strip() and not name.lstrip().startswith("#"):
+            commands[name.strip()] = command.strip()
+    missing = [name for name in PROCESSES if name not in commands]
+    if missing:
+        raise BenchError(f"the Procfile has no {', '.join(missing)} process")
+    return commands
+
+
+def _dkim_key(path: Path) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+
+
+def environment(cfg: Config, db_url: str, smtp_port: int, templates: Path, work: Path,
+                port: int) -> dict[str, str]:
+    """What a user sets: the required settings and DKIM, nothing tuned."""
+    env = pipeline.mailer_env(cfg, db_url, smtp_port, templates)
+    del env["MAILER_SMTP_POOL_SIZE"]  # the default pool
+    key_file = work / "dkim.pem"
+    _dkim_key(key_file)
+    bin_dir = str(Path(sys.executable).parent)
+    env.update({
+        "MAILER_DKIM_DOMAIN": "example.test",  # the From domain (DMARC alignment, SPEC 6)
+        "MAILER_DKIM_SELECTOR": "bench",
+        "MAILER_DKIM_PRIVATE_KEY_FILE": str(key_file),
+        "PORT": str(port),
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+    })
+    return env
+
+
+def _count_sent(db_url: str) -> int:
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(messages)
+                                    .where(messages.c.status == "sent")).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def _wait_sent(db_url: str, total: int, timeout: float) -> None:
+    """The database records every message the sink took (nothing skipped for speed)."""
+    wait_until(f"{total} messages recorded as sent", lambda: _count_sent(db_url) >= total,
+               timeout, interval=0.1)
+    found = _count_sent(db_url)
+    if found != total:
+        raise BenchError(f"database has {found} messages sent, the sink took {total}")
+
+
+def _marketing_key(db_url: str) -> str:
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            return create_key(conn, "bench-marketing", ["marketing"])
+    finally:
+        engine.dispose()
+
+
+def _paced(base: str, key: str, label: str, count: int, rate: float,
+           ) -> tuple[dict[str, float], float]:
+    """Offer ``count`` messages at ``rate``/s in small batches from two threads.
+
+    Returns the 202 time of each queued message by address, and the rate achieved.
+    """
+    accepted: dict[str, float] = {}
+    failures: list[str] = []
+    lock = threading.Lock()
+    batches = [list(range(start, min(start + LATENCY_BATCH, count)))
+               for start in range(0, count, LATENCY_BATCH)]
+    began = time.monotonic() + 0.2
+    interval = LATENCY_BATCH / rate
+
+    def sender(lane: int) -> None:
+        headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        with httpx.Client(base_url=base, timeout=120.0) as http:
+            for number in range(lane, len(batches), 2):
+                delay = began + number * interval - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                items = [{"template": content.TEMPLATE, "to": content.address(label, i),
+                          "data": content.data(i)} for i in batches[number]]
+                response = http.post("/v1/messages/batch", headers=headers,
+                                     content=json.dumps({"messages": items}).encode())
+                done = time.monotonic()
+                with lock:
+                    if response.status_code != 202:
+                        failures.append(f"{response.status_code} {response.text[:200]}")
+                        return
+                    for item, result in zip(items, response.json()["results"], strict=True):
+                        if result.get("status") == "queued":
+                            accepted[item["to"]] = done
+
+    threads = [threading.Thread(target=sender, args=(lane,)) for lane in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(600)
+    if failures:
+        raise BenchError(f"batch API refused a batch: {failures[0]}")
+    return accepted, count / max(time.monotonic() - began, 1e-9)
+
+
+def _latencies(arrivals: Path, accepted: dict[str, float]) -> list[float]:
+    """Milliseconds from each message's 202 to its 250 at the sink."""
+    arrived: dict[str, float] = {}
+    for line in arrivals.read_text().splitlines():
+        when, _, who = line.partition(" ")
+        if who in accepted:
+            arrived[who] = float(when)
+    missing = len(accepted) - len(arrived)
+    if missing:
+        raise BenchError(f"{missing} accepted messages never reached the sink")
+    return [(arrived[who] - accepted[who]) * 1000 for who in accepted]
+
+
+def percentile(values: list[float], share: float) -> float:
+    """The ``share`` quantile (0-1) of ``values``, nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(share * len(ordered)) - 1))]
+
+
+def run(cfg: Config, sink_kind: str, index: int) -> list[Measurement]:
+    """One run of the default deployment: single sends, a campaign, latency at half load."""
+    work = cfg.work / f"deployment-{sink_kind}-{index}"
+    work.mkdir(parents=True)
+    db_url = f"sqlite:///{work / 'mailer.db'}"
+    upgrade(db_url)  # what `mailer db upgrade` does before the first start
+    label, late = f"d{index}{sink_kind[0]}", f"l{index}{sink_kind[0]}"
+    latency_count = max(cfg.messages // 2, 500)
+    readers_suppressed = campaign._seed(db_url, pipeline.SECRET, cfg.messages)
+    key, suppressed = pipeline._seed(db_url, label, cfg.messages, cfg.warmup)
+    late_key, _ = pipeline._seed(db_url, late, latency_count, 0)
+    marketing = _marketing_key(db_url)
+    templates = content.lay_templates(ROOT / "templates", work / "templates")
+    warm_bodies = pipeline._bodies(f"warm{label}", cfg.warmup, cfg.batch)
+    bodies = pipeline._bodies(label, cfg.messages, cfg.batch)
+    expected = cfg.messages - suppressed
+    campaign_expected = cfg.messages - readers_suppressed
+
+    arrivals = work / "arrivals.txt"
+    sink = Sink(sink_kind, work, arrivals=arrivals)
+    port = free_port()
+    env = environment(cfg, db_url, sink.port, templates, work, port)
+    commands = procfile()
+    procs: dict[str, Proc] = {}
+    try:
+        for name in PROCESSES:
+            procs[name] = Proc(name, ["bash", "-c", commands[name]], env,
+                               log=work / f"{name}.log")
+
+        def check() -> None:
+            for proc in procs.values():
+                proc.check()
+
+        base = f"http://127.0.0.1:{port}"
+        wait_until("web start", lambda: pipeline._healthy(base, procs["web"]), 60)
+        groups = {"worker": Group("worker", [procs["worker"].pid]),
+                  "api": Group("api", [procs["web"].pid]),
+                  "scheduler": Group("scheduler", [procs["scheduler"].pid]),
+                  "redis": Group("redis", [cfg.redis_pid]),
+                  "sink": Group("sink", [sink.proc.pid]),
+                  "client": Group("client", [os.getpid()], tree=False)}
+        note = (f"Procfile as shipped ({', '.join(PROCESSES)}), DKIM rsa-sha256 on, "
+                "default pool and processes")
+        # Warm-up: forks done, imports loaded, SMTP pools open, SQLite pages cached.
+        pipeline._post_all(base, key, warm_bodies, 1)
+        sink.wait_for(cfg.warmup, cfg.timeout, check)
+        results: list[Measurement] = []
+
+        # 1. single sends through the batch API
+        window = Window(groups)
+        start = time.monotonic()
+        pipeline._check_statuses(pipeline._post_all(base, key, bodies, cfg.clients),
+                                 expected, suppressed)
+        last = sink.wait_for(cfg.warmup + expected, cfg.timeout, check)
+        cpu, rss = window.close()
+        single = Measurement("deployment: single sends", sink_kind, expected, last - start,
+                             cpu, rss, note=note, background=window.background)
+        results.append(single)
+        _wait_sent(db_url, cfg.warmup + expected, cfg.timeout)
+
+        # 2. a campaign, fanned out by the scheduler process
+        before = sink.count()
+        shared = {k: v for k, v in content.data(0).items() if k != "name"}
+        window = Window(groups)
+        start = time.monotonic()
+        response = httpx.post(f"{base}/v1/campaigns", timeout=60.0,
+                              headers={"Authorization": f"Bearer {marketing}"},
+                              json={"name": "bench", "template": content.CAMPAIGN_TEMPLATE,
+                                    "topic": "newsletter", "data": shared})
+        if response.status_code != 201:
+            raise BenchError(f"campaign refused: {response.status_code} {response.text[:200]}")
+        last = sink.wait_for(before + campaign_expected, cfg.timeout, check)
+        cpu, rss = window.close()
+        results.append(Measurement("deployment: campaign", sink_kind, campaign_expected,
+                                   last - start, cpu, rss, note=note,
+                                   background=window.background))
+        _wait_sent(db_url, cfg.warmup + expected + campaign_expected, cfg.timeout)
+
+        # 3. latency from the 202 to the 250, at half the single-send rate
+        before = sink.count()
+        rate = max(single.rate * LATENCY_LOAD, 10.0)
+        window = Window(groups)
+        accepted, offered = _paced(base, late_key, late, latency_count, rate)
+        sink.wait_for(before + len(accepted), cfg.timeout, check)
+        cpu, rss = window.close()
+        waited = _latencies(arrivals, accepted)
+        results.append(Measurement(
+            "deployment: 50 % load", sink_kind, len(accepted), latency_count / offered, cpu,
+            rss, note=f"batches of {LATENCY_BATCH}, {rate:,.0f} msg/s asked",
+            background=window.background,
+            latency={"p50_ms": percentile(waited, 0.50), "p99_ms": percentile(waited, 0.99),
+                     "mean_ms": statistics.fmean(waited), "offered": rate},
+        ))
+        return results
+    finally:
+        for proc in reversed(list(procs.values())):
+            proc.stop()
+        sink.stop()
