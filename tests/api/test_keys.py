@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from tests.cli.test_cli import mailer, one_line_error
 from tests.conftest import auth
-from tests.test_cli import mailer, one_line_error
 
 FIELDS = {"id", "name", "scopes", "created_at", "last_used_at", "revoked_at"}
 
