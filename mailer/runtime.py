@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
+from types import FrameType
 
 from redis import Redis
 from sqlalchemy import Engine
@@ -98,3 +101,18 @@ class Runtime:
     def url(self, path: str) -> str:
         """An absolute link to one of our public pages."""
         return f"{self.settings.public_url}{path}"
+
+
+def stop_on_signals(stop: threading.Event | None = None) -> threading.Event:
+    """An event that SIGTERM and SIGINT set, for a long-running process's main loop.
+
+    Signal handlers can only be installed from the main thread; elsewhere (a test that runs
+    the loop in a thread and sets the event itself) the event is returned as it is.
+    """
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        def _stop(signum: int, frame: FrameType | None) -> None:
+            stop.set()
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+    return stop

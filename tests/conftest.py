@@ -24,6 +24,7 @@ from tests.services import (
     PostgresServer,
     RabbitMQServer,
     RedisServer,
+    free_port,
     postgres_available,
     rabbitmq_available,
     redis_server_available,
@@ -208,6 +209,29 @@ def keys(runtime: Any) -> dict[str, str]:
     }
     with runtime.engine.begin() as conn:
         return {name: create_key(conn, f"test-{name}", s) for name, s in scopes.items()}
+
+
+@contextlib.contextmanager
+def serving(runtime: Any) -> Iterator[str]:
+    """The real app under a real uvicorn on a free loopback port; yields its base URL."""
+    import threading
+
+    import uvicorn
+
+    from mailer.api.app import create_app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(runtime), host="127.0.0.1", port=port,
+                                           log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, name="uvicorn-under-test", daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started or not thread.is_alive(), timeout=15)
+        assert server.started, "uvicorn did not start"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
 
 
 def auth(key: str) -> dict[str, str]:

@@ -4,15 +4,13 @@ jobs, until stopped."""
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
-from types import FrameType
 
 from mailer.campaigns.tick import tick as campaign_tick
 from mailer.config import Settings, load_or_exit
 from mailer.events.delivery import Deliverer
-from mailer.runtime import Runtime
+from mailer.runtime import Runtime, stop_on_signals
 from mailer.sending.sweeper import sweep
 
 log = logging.getLogger("mailer.scheduler")
@@ -26,12 +24,7 @@ WEBHOOK_POLL = 0.5
 def run(settings: Settings | None = None, stop: threading.Event | None = None) -> None:
     """Sweep every ``MAILER_SWEEP_INTERVAL`` and run campaigns, until ``stop`` or SIGTERM."""
     settings = settings or Settings.from_environ()
-    stop = stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        def _stop(signum: int, frame: FrameType | None) -> None:
-            stop.set()
-        signal.signal(signal.SIGTERM, _stop)
-        signal.signal(signal.SIGINT, _stop)
+    stop = stop_on_signals(stop)
     rt = Runtime.from_settings(settings)
     # Its own thread: a receiver taking its full 10 s must not hold up campaigns or sweeps.
     threading.Thread(target=deliver_events, args=(rt, stop), name="event-webhooks",

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import threading
-from types import FrameType
 from typing import Any
 
 from aiosmtpd.controller import Controller
@@ -23,7 +21,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from mailer.config import Settings
 from mailer.inbound.addresses import Target
 from mailer.inbound.delivery import InboundDelivery
-from mailer.runtime import Runtime
+from mailer.runtime import Runtime, stop_on_signals
 
 log = logging.getLogger("mailer.inbound")
 
@@ -115,12 +113,7 @@ class InboundServer:
 def run(settings: Settings | None = None, stop: threading.Event | None = None) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop``); idle with a log line when unconfigured."""
     settings = settings or Settings.from_environ()
-    stop = stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        def _stop(signum: int, frame: FrameType | None) -> None:
-            stop.set()
-        signal.signal(signal.SIGTERM, _stop)
-        signal.signal(signal.SIGINT, _stop)
+    stop = stop_on_signals(stop)
     if not settings.inbound_domain:
         # SPEC 11: the Procfile always starts this process; without a domain it has
         # nothing to listen for, and must not crash-loop.

@@ -7,8 +7,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import auth, unique_email
-from tests.scenarios.test_preferences_browser import CHROMIUM_ARGS, serving
+from tests.conftest import auth, serving, unique_email
+from tests.scenarios.test_preferences_browser import CHROMIUM_ARGS
 from tests.services import chromium_path, require
 
 

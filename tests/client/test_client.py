@@ -12,7 +12,6 @@ import base64
 import hashlib
 import hmac
 import json
-import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -37,7 +36,7 @@ from mailer.client import (
     verify_webhook,
 )
 from mailer.store.schema import messages
-from tests.conftest import unique_email, wait_for
+from tests.conftest import serving, unique_email
 from tests.services import free_port
 
 CONFIRM = {"name": "Ada", "confirm_url": "https://example.test/confirm/abc"}
@@ -48,22 +47,8 @@ FAST = 0.01
 @pytest.fixture(scope="module")
 def api_url(runtime: Any) -> Iterator[str]:
     """The real app under a real uvicorn on a free loopback port, stopped afterwards."""
-    import uvicorn
-
-    from mailer.api.app import create_app
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(runtime), host="127.0.0.1", port=port,
-                                           log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, name="uvicorn-client-tests", daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: server.started or not thread.is_alive(), timeout=15)
-        assert server.started, "uvicorn did not start"
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
+    with serving(runtime) as url:
+        yield url
 
 
 def rows_to(runtime: Any, address: str) -> list[str]:

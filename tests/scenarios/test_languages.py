@@ -244,7 +244,7 @@ def test_the_german_preference_centre_in_chromium(
     require("chromium", chromium_path() is not None, "Debian's chromium is not installed")
     from playwright.sync_api import sync_playwright
 
-    from tests.scenarios.test_preferences_browser import serving
+    from tests.conftest import serving
 
     # Given an Austrian reader who received the translated promotion
     tag, topic, template = _topic_and_template(client, keys)

@@ -25,7 +25,15 @@ import pytest
 from sqlalchemy import select
 
 from mailer.client import verify_webhook
-from tests.conftest import ROOT, WorkerProcess, auth, base_env, unique_email, wait_for
+from tests.conftest import (
+    ROOT,
+    WorkerProcess,
+    auth,
+    base_env,
+    serving,
+    unique_email,
+    wait_for,
+)
 from tests.events.receiver import Answer, Hit, Receiver, running_receiver
 from tests.scenarios.test_bounce_flow import dsn_report, post_dsn
 from tests.scenarios.test_unsubscribe import path_of, subscribed_person, unsubscribe_url
@@ -431,30 +439,6 @@ def test_metrics_count_deliveries_by_result(hooks: Stack) -> None:
 
 
 # --- a caller's service, written with mailer.client ----------------------------------------
-
-
-@contextlib.contextmanager
-def serving(runtime: Any) -> Iterator[str]:
-    """The stack's app under a real uvicorn on a free loopback port; yields its base URL."""
-    import threading
-
-    import uvicorn
-
-    from mailer.api.app import create_app
-    from tests.services import free_port
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(runtime), host="127.0.0.1", port=port,
-                                           log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, name="uvicorn-caller", daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: server.started or not thread.is_alive(), timeout=15)
-        assert server.started, "uvicorn did not start"
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
 
 
 def test_a_callers_service_sends_reads_status_and_verifies_events_with_the_client(

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
 
-from tests.conftest import unique_email, wait_for
+from tests.conftest import serving, unique_email
 from tests.scenarios.test_unsubscribe import (
     PROMO_DATA,
     assert_plain_page,
@@ -24,31 +21,10 @@ from tests.scenarios.test_unsubscribe import (
     state_counts,
     subscribed_person,
 )
-from tests.services import chromium_path, free_port, require
+from tests.services import chromium_path, require
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
-
-
-@contextmanager
-def serving(runtime: Any) -> Iterator[str]:
-    """The real app under a real uvicorn on a free loopback port, stopped afterwards."""
-    import uvicorn
-
-    from mailer.api.app import create_app
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(runtime), host="127.0.0.1", port=port,
-                                           log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, name="uvicorn-under-test", daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: server.started or not thread.is_alive(), timeout=15)
-        assert server.started, "uvicorn did not start"
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
 
 
 def _wanted(topics: list[str], ticked: set[str], sharing: bool | None = None) -> dict[str, Any]:
