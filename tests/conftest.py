@@ -36,11 +36,17 @@ ROOT = Path(__file__).resolve().parent.parent
 DSN_TOKEN = "dsn-test-token-0123456789"
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test that touches the database, so the PostgreSQL pass can select them."""
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that touches the database, so the PostgreSQL pass can select them,
+    and leave PostgreSQL-only tests out of the SQLite pass (deselected, not skipped)."""
     for item in items:
         if "db_url" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.db)
+    if os.environ.get("MAILER_TEST_DB", "sqlite") != "postgresql":
+        other = [item for item in items if item.get_closest_marker("postgresql_only")]
+        if other:
+            config.hook.pytest_deselected(items=other)
+            items[:] = [item for item in items if item not in other]
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05) -> Any:

@@ -143,10 +143,9 @@ def test_two_sweepers_enqueue_a_stale_queued_row_once(db_url: str) -> None:
     assert events.count("queued") == 1
 
 
+@pytest.mark.postgresql_only  # row locks: SQLite serialises whole write transactions
 def test_a_claim_skips_rows_another_worker_is_claiming(db_url: str) -> None:
-    # Row locks are PostgreSQL's; SQLite serialises whole write transactions instead.
-    if not db_url.startswith("postgresql"):
-        pytest.skip("FOR UPDATE SKIP LOCKED is PostgreSQL's")
+    assert db_url.startswith("postgresql")
     # Given two queued messages, and a worker in the middle of claiming the first
     rt = unit_runtime(db_url)
     now = rt.clock()
