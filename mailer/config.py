@@ -90,6 +90,11 @@ class Settings:
     dkim_private_key_file: str | None = None
     #: SPEC 6: sign with a DKIM domain not aligned with the From domain anyway.
     dkim_allow_unaligned: bool = False
+    #: An additional Ed25519 signature (RFC 8463) beside the RSA one, when both are set.
+    dkim_ed25519_selector: str | None = None
+    dkim_ed25519_private_key_file: str | None = None
+    #: RFC 2920 pipelining with relays that offer it; off only for a relay that mishandles it.
+    smtp_pipelining: bool = True
     #: SPEC 6: the EHLO name; None means helo.helo_name's default (never localhost).
     smtp_helo_name: str | None = None
     #: Extra CA certificates (PEM) trusted for the relay's TLS, besides the system store.
@@ -210,6 +215,9 @@ class Settings:
             dkim_selector=get("DKIM_SELECTOR"),
             dkim_private_key_file=get("DKIM_PRIVATE_KEY_FILE"),
             dkim_allow_unaligned=_flag("DKIM_ALLOW_UNALIGNED", get("DKIM_ALLOW_UNALIGNED")),
+            dkim_ed25519_selector=get("DKIM_ED25519_SELECTOR"),
+            dkim_ed25519_private_key_file=get("DKIM_ED25519_PRIVATE_KEY_FILE"),
+            smtp_pipelining=_flag("SMTP_PIPELINING", get("SMTP_PIPELINING", "true")),
             smtp_helo_name=get("SMTP_HELO_NAME"),
             smtp_ca_file=get("SMTP_CA_FILE"),
             smtp_max_rate=parse_max_rate(get("SMTP_MAX_RATE")),

@@ -272,13 +272,12 @@ class DkimSigner:
     def from_settings(cls, settings: Settings) -> DkimSigner | None:
         """Build a signer from ``MAILER_DKIM_*``; ``None`` when DKIM is not configured.
 
-        The Ed25519 pair (``MAILER_DKIM_ED25519_SELECTOR``, ``_PRIVATE_KEY_FILE``) is read
-        from ``settings.dkim_ed25519_selector`` / ``dkim_ed25519_private_key_file`` when
-        the settings carry them.
+        The Ed25519 pair (``MAILER_DKIM_ED25519_SELECTOR``, ``_PRIVATE_KEY_FILE``) adds a
+        second signature to the RSA one.
         """
         values = (settings.dkim_domain, settings.dkim_selector, settings.dkim_private_key_file)
-        ed_selector: str | None = getattr(settings, "dkim_ed25519_selector", None)
-        ed_key_file: str | None = getattr(settings, "dkim_ed25519_private_key_file", None)
+        ed_selector = settings.dkim_ed25519_selector
+        ed_key_file = settings.dkim_ed25519_private_key_file
         if not any(values):
             if ed_selector or ed_key_file:
                 raise ConfigError("MAILER_DKIM_ED25519_* adds to the RSA signature: set "

@@ -138,7 +138,7 @@ class SmtpTransport:
             tls_context=tls_context(settings.smtp_ca_file),
             # MAILER_SMTP_PIPELINING=false turns RFC 2920 off for a relay that offers it
             # but mishandles it (read when the settings carry it; on by default).
-            pipelining=bool(getattr(settings, "smtp_pipelining", True)),
+            pipelining=settings.smtp_pipelining,
         )
 
     async def send_many(self, envelopes: Sequence[EnvelopeLike]) -> list[SendResult]:

@@ -4,9 +4,8 @@ signatures (RFC 8463) both verify with dkimpy."""
 from __future__ import annotations
 
 import base64
-import types
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import dkim
 import pytest
@@ -172,12 +171,12 @@ def test_bad_ed25519_configuration_is_a_config_error(
                    ed25519_private_key=key)
 
 
-def _settings(**values: Any) -> Settings:
-    """Settings plus the Ed25519 fields the configuration will carry (SPEC 10)."""
-    base = Settings(dkim_domain="example.com", dkim_selector="rsa1")
-    fields = {name: getattr(base, name) for name in base.__dataclass_fields__}
-    fields.update(values)
-    return cast(Settings, types.SimpleNamespace(**fields))
+def _settings(**values: str) -> Settings:
+    """Settings read from MAILER_* variables, as a process would read them (SPEC 10)."""
+    env = {"MAILER_ENV": "test", "MAILER_DKIM_DOMAIN": "example.com",
+           "MAILER_DKIM_SELECTOR": "rsa1"}
+    env.update({f"MAILER_{name.upper()}": value for name, value in values.items()})
+    return Settings.from_environ({k: v for k, v in env.items() if v})
 
 
 def test_from_settings_reads_the_ed25519_pair(
@@ -199,7 +198,7 @@ def test_from_settings_reads_the_ed25519_pair(
                                            dkim_ed25519_selector="ed1"))
     # Given Ed25519 without the RSA signature it adds to, then a configuration error
     with pytest.raises(ConfigError, match="adds to the RSA signature"):
-        DkimSigner.from_settings(_settings(dkim_domain=None, dkim_selector=None,
+        DkimSigner.from_settings(_settings(dkim_domain="", dkim_selector="",
                                            dkim_ed25519_selector="ed1",
                                            dkim_ed25519_private_key_file=str(ed_file)))
     # Given an unreadable Ed25519 key file, then a configuration error naming the variable
@@ -207,3 +206,13 @@ def test_from_settings_reads_the_ed25519_pair(
         DkimSigner.from_settings(_settings(
             dkim_private_key_file=str(rsa_file), dkim_ed25519_selector="ed1",
             dkim_ed25519_private_key_file=str(tmp_path / "missing.pem")))
+
+
+def test_pipelining_can_be_turned_off_for_a_relay_that_mishandles_it() -> None:
+    # Given no setting / Then pipelining is on; Given MAILER_SMTP_PIPELINING=false / off
+    assert Settings.from_environ({"MAILER_ENV": "test"}).smtp_pipelining is True
+    off = Settings.from_environ({"MAILER_ENV": "test", "MAILER_SMTP_PIPELINING": "false"})
+    assert off.smtp_pipelining is False
+    # And a value that is not a boolean stops the process with the variable's name
+    with pytest.raises(ConfigError, match="MAILER_SMTP_PIPELINING"):
+        Settings.from_environ({"MAILER_ENV": "test", "MAILER_SMTP_PIPELINING": "maybe"})
