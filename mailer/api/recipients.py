@@ -102,12 +102,12 @@ class TopicTranslationIn(BaseModel):
         return value
 
 
-class TopicIn(BaseModel):
-    """A marketing topic, with its title and description by language tag."""
+class TopicIn(TopicTranslationIn):
+    """A marketing topic, with its title and description by language tag.
 
-    model_config = ConfigDict(extra="forbid")
-    title: str = Field(min_length=1, max_length=200)
-    description: str = Field(default="", max_length=2000)
+    Title and description, and their checks, are those of each translation.
+    """
+
     third_party: bool = False
     double_opt_in: bool = False
     translations: dict[str, TopicTranslationIn] | None = Field(default=None, max_length=50)
@@ -125,20 +125,6 @@ class TopicIn(BaseModel):
                 raise ValueError(f"{key[:40]!r} is not a language tag, or appears twice")
             out[tag] = text
         return out
-
-    @field_validator("title")
-    @classmethod
-    def _title_is_one_printable_line(cls, value: str) -> str:
-        if _TITLE_FORBIDDEN.search(value):
-            raise ValueError("the title must be one line of printable text")
-        return value
-
-    @field_validator("description")
-    @classmethod
-    def _description_is_printable(cls, value: str) -> str:
-        if _DESCRIPTION_FORBIDDEN.search(value):
-            raise ValueError("the description may not hold control characters")
-        return value
 
 
 @router.put("/v1/recipients/{external_id}")
