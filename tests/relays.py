@@ -38,10 +38,9 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
-from tests.services import ServiceError, free_port, pid_alive, require
+from tests.services import ContextService, ServiceError, free_port, pid_alive, require
 from tests.smtp_servers import ReceivedMessage, Recorder, running_smtp_server
 
 #: Debian's Postfix programs.
@@ -202,7 +201,7 @@ postlog   unix-dgram n - n - 1 postlogd
 """
 
 
-class PostfixRelay:
+class PostfixRelay(ContextService):
     """A private Postfix on 127.0.0.1 relaying to an aiosmtpd sink; stopped by PID."""
 
     def __init__(
@@ -459,17 +458,6 @@ class PostfixRelay:
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
             self.directory = None
-
-    def __enter__(self) -> PostfixRelay:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 # Auth only: no mail protocols, no listeners but the socket Postfix's smtpd talks to.

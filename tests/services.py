@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
+from typing import Protocol, Self
 
 import psycopg
 import pytest
@@ -145,11 +145,35 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
+class ContextService:
+    """A test server used as ``with Server() as server:``: started on entry, and stopped
+    (by PID) and cleaned up on exit, whatever happened inside."""
+
+    def start(self) -> Self:
+        """Start the server; subclasses return themselves."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop the server and remove what it left behind."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
 class ServiceError(RuntimeError):
     """Raised when a test server cannot be started or stopped."""
 
 
-class RedisServer:
+class RedisServer(ContextService):
     """A private ``redis-server`` on 127.0.0.1 with AOF persistence, in its own temp dir."""
 
     def __init__(self, *, port: int | None = None, directory: Path | None = None) -> None:
@@ -267,19 +291,8 @@ class RedisServer:
         if self._owns_dir:
             shutil.rmtree(self.directory, ignore_errors=True)
 
-    def __enter__(self) -> RedisServer:
-        return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class PostgresServer:
+class PostgresServer(ContextService):
     """A private PostgreSQL cluster on 127.0.0.1, tuned for speed, in its own temp dir."""
 
     def __init__(self, *, port: int | None = None, database: str = DEFAULT_DATABASE) -> None:
@@ -466,17 +479,6 @@ class PostgresServer:
             shutil.rmtree(self.directory, ignore_errors=True)
             self.directory = None
 
-    def __enter__(self) -> PostgresServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 def _check_database_name(name: str) -> None:
     if not _DATABASE_NAME.match(name):
@@ -523,7 +525,7 @@ def rabbitmq_available() -> bool:
     return RABBITMQ_SERVER.exists() and shutil.which("epmd") is not None
 
 
-class RabbitMQServer:
+class RabbitMQServer(ContextService):
     """A private ``rabbitmq-server`` on 127.0.0.1, with its own data dir and ports.
 
     Every port is its own: AMQP, Erlang distribution, and a private ``epmd`` (Erlang's
@@ -691,14 +693,3 @@ class RabbitMQServer:
         if self in _LIVE:
             _LIVE.remove(self)
         shutil.rmtree(self.directory, ignore_errors=True)
-
-    def __enter__(self) -> RabbitMQServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
