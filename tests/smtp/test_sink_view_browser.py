@@ -105,7 +105,9 @@ def test_a_developer_reads_the_newest_captured_mail_in_chromium(tmp_path: Path) 
             try:
                 page = browser.new_page()
                 requested: list[str] = []
+                answered: list[str] = []
                 page.on("request", lambda request: requested.append(request.url))
+                page.on("response", lambda response: answered.append(response.url))
                 # When the developer opens the view
                 response = page.goto(view)
                 assert response is not None and response.status == 200
@@ -134,9 +136,16 @@ def test_a_developer_reads_the_newest_captured_mail_in_chromium(tmp_path: Path) 
                 page.screenshot(path=str(tmp_path / "sink-view.png"), full_page=True)
             finally:
                 browser.close()
-        # And the browser fetched nothing outside the view, and nothing reached the trap
-        assert requested and all(
-            url.startswith(view) or url == "about:srcdoc" for url in requested), requested
+        # And the browser fetched nothing outside the view, and nothing reached the trap.
+        # Chromium may announce a request for the mail's stylesheet or image (its preload
+        # scanner runs ahead of the parser, seen once on a busy CI machine) that the
+        # policy then blocks: such a request must get no response, and the trap below
+        # proves no connection was even opened.
+        inside = [url for url in requested if url.startswith(view) or url == "about:srcdoc"]
+        assert inside, requested
+        assert all(url.startswith(view) or url == "about:srcdoc" for url in answered), answered
+        assert all(url.startswith(view) or url.startswith(remote) or url == "about:srcdoc"
+                   for url in requested), requested
         with pytest.raises(BlockingIOError):
             listener.accept()
     assert (tmp_path / "sink-view.png").stat().st_size > 10_000
