@@ -68,6 +68,7 @@ class StoredTemplate(Template):
         self.required = ()
         self.description = ""
         self.version = version
+        self._sources = (subject, html, text)  # for Template.render_reused
         tally = Tally()
         self._parts = (check_part("subject", subject, tally), check_part("html", html, tally),
                        check_part("text", text, tally) if text is not None else None)

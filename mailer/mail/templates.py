@@ -12,6 +12,7 @@ import threading
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,14 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from mailer.errors import TemplateError
 from mailer.mail.locales import DEFAULT_LOCALE, normalise, pick
+from mailer.mail.stencil import (
+    Stencil,
+    StencilCache,
+    fixed_key,
+    marker,
+    plain_outputs,
+    split_values,
+)
 from mailer.mail.text import html_to_text
 from mailer.mail.translations import MessageCatalogues, catalogues_for, date_formatter
 from suppression.policy import Category
@@ -86,6 +95,7 @@ class Template:
         self.description = description
         #: Other language versions by canonical tag (SPEC 14); each renders the same data.
         self.translations: dict[str, Template] = dict(translations or {})
+        self._sources = (subject, html, text)
         try:
             self._subject = _TEXT_ENV.from_string(subject)
             self._html = _HTML_ENV.from_string(html)
@@ -116,6 +126,10 @@ class Template:
         text from HTML was 43 % of the API's CPU per message. ``language`` is the
         version's language, for the ``date`` filter.
         """
+        self._check_present(data)
+        return self._render(data, derive_text, language)
+
+    def _check_present(self, data: Mapping[str, Any]) -> None:
         missing = self.missing(data)
         if missing:
             raise TemplateError(
@@ -123,6 +137,9 @@ class Template:
                 details={"missing": missing},
                 code="missing_variable",
             )
+
+    def _render(self, data: Mapping[str, Any], derive_text: bool, language: str | None
+                ) -> Rendered:
         try:
             # Not normalised: a CR or LF from caller data must reach the header check
             # and be refused there, not be quietly folded away.
@@ -138,9 +155,53 @@ class Template:
                 f"template {self.name!r} could not be rendered: {exc.message or exc}",
                 code="missing_variable" if "undefined" in str(exc) else "template_error",
             ) from None
+        return self._sized(subject, html, text)
+
+    def _sized(self, subject: str, html: str, text: str) -> Rendered:
         if len(html) + len(text) > MAX_RENDERED_CHARS:
             raise TemplateError(f"template {self.name!r} rendered too large a message")
         return Rendered(subject=subject, html=html, text=text)
+
+    @cached_property
+    def _reuse_plan(self) -> tuple[frozenset[str], frozenset[str]] | None:
+        """What :meth:`render_reused` needs, worked out on first use: the names this
+        version only inserts bare and the names it reads (``None``: never reuse)."""
+        plain = plain_outputs(_HTML_ENV, *self._sources)
+        read = frozenset(variables_of(*self._sources)) - {LANGUAGE_VARIABLE}
+        return (plain, read) if plain is not None else None
+
+    def render_reused(self, data: Mapping[str, Any], cache: StencilCache, *,
+                      language: str | None = None) -> Rendered:
+        """What :meth:`render` gives, from a stencil shared by every message with the same
+        fixed values (a campaign's shared data), filled with this message's own values.
+
+        See :mod:`mailer.mail.stencil` for when a value is filled rather than fixed; a
+        template that cannot be reused safely is rendered in full.
+        """
+        self._check_present(data)
+        plan = self._reuse_plan
+        if plan is None:
+            return self.render(data, language=language)
+        slots, fixed = split_values(data, *plan)
+        key_text = fixed_key(fixed)
+        if key_text is None:
+            return self.render(data, language=language)
+        stencil = cache.get((self, language, slots, key_text),
+                            lambda: self._stencil(data, slots, language))
+        if stencil is None:
+            return self.render(data, language=language)
+        subject, html, text = stencil.fill(tuple(data[k] for k in slots))
+        return self._sized(subject, html, text)
+
+    def _stencil(self, data: Mapping[str, Any], slots: tuple[str, ...], language: str | None
+                 ) -> Stencil | None:
+        # Rendered by render() itself, so a subclass's budget and sandbox apply as well.
+        values = {**data, **{name: marker(i) for i, name in enumerate(slots)}}
+        rendered = self.render(values, language=language)
+        # The subject and an explicit text part are not escaped; a derived text part
+        # reads the escaped HTML back, so it holds the value itself.
+        return Stencil.cut((rendered.subject, rendered.html, rendered.text),
+                           (False, True, False))
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -216,6 +277,9 @@ class Footer:
         self.messages = messages if messages is not None else catalogues_for(folder.parent)
         self._lock = threading.Lock()
         self._compiled: dict[str, tuple[JinjaTemplate, JinjaTemplate]] = {}
+        self._plain_names: frozenset[str] | None = None
+        #: Footers rendered once per language and campaign, filled per recipient.
+        self.stencils = StencilCache()
         self._parts(DEFAULT_LOCALE)  # a broken footer stops start-up, not the first send
 
     def _parts(self, language: str) -> tuple[JinjaTemplate, JinjaTemplate]:
@@ -236,16 +300,47 @@ class Footer:
             self._compiled[language] = parts
         return parts
 
-    def apply(self, rendered: Rendered, values: Mapping[str, str], language: str = DEFAULT_LOCALE
-              ) -> Rendered:
-        """Return ``rendered`` with the footer, in ``language``, inserted before ``</body>``
-        (or appended)."""
+    def _plain(self) -> frozenset[str]:
+        if self._plain_names is None:
+            # Parsed as the parts are compiled: newstyle gettext, whose calls take a trans
+            # block's variables as keywords (see mailer.mail.stencil).
+            env = ImmutableSandboxedEnvironment(extensions=["jinja2.ext.i18n"])
+            env.install_null_translations(newstyle=True)  # type: ignore[attr-defined]
+            self._plain_names = plain_outputs(env, *self._sources) or frozenset()
+        return self._plain_names
+
+    def _render(self, values: Mapping[str, str], language: str) -> tuple[str, str]:
         html_part, text_part = self._parts(language)
-        footer_html = html_part.render(values)
+        return html_part.render(values), text_part.render(values)
+
+    def _filled(self, values: Mapping[str, str], language: str) -> tuple[str, str]:
+        """The footer's two parts from a stencil per language and fixed values (the links
+        differ per recipient, the topic and postal address per campaign)."""
+        slots, fixed = split_values(values, self._plain(), frozenset(values))
+        key_text = fixed_key(fixed)
+        if key_text is None:
+            return self._render(values, language)
+
+        def build() -> Stencil | None:
+            marked = {**fixed, **{name: marker(i) for i, name in enumerate(slots)}}
+            return Stencil.cut(self._render(marked, language), (True, False))
+
+        stencil = self.stencils.get(("footer", language, slots, key_text), build)
+        if stencil is None:
+            return self._render(values, language)
+        footer_html, footer_text = stencil.fill(tuple(values[k] for k in slots))
+        return footer_html, footer_text
+
+    def apply(self, rendered: Rendered, values: Mapping[str, str], language: str = DEFAULT_LOCALE,
+              *, reuse: bool = False) -> Rendered:
+        """Return ``rendered`` with the footer, in ``language``, inserted before ``</body>``
+        (or appended); ``reuse`` fills a cached stencil instead of rendering (same bytes)."""
+        footer_html, footer_text = (self._filled(values, language) if reuse
+                                    else self._render(values, language))
         html = rendered.html
         at = html.lower().rfind("</body>")
         html = html[:at] + footer_html + html[at:] if at >= 0 else html + footer_html
-        return Rendered(rendered.subject, html, rendered.text + text_part.render(values))
+        return Rendered(rendered.subject, html, rendered.text + footer_text)
 
 
 class Catalogue:

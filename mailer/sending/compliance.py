@@ -62,15 +62,16 @@ def list_headers(topic: str, mail_domain: str, links: PromotionLinks) -> list[tu
 
 def add_footer(
     footer: Footer, rendered: Rendered, *, topic_title: str, links: PromotionLinks,
-    postal_address: str, language: str = DEFAULT_LOCALE,
+    postal_address: str, language: str = DEFAULT_LOCALE, reuse: bool = False,
 ) -> Rendered:
     """``rendered`` with the footer: postal address, why the person gets it, both links.
 
-    Written in ``language`` (SPEC 14: the recipient's), from the gettext catalogues.
+    Written in ``language`` (SPEC 14: the recipient's), from the gettext catalogues;
+    ``reuse`` fills the footer's cached stencil (the same bytes, rendered once).
     """
     return footer.apply(rendered, {
         "topic_title": topic_title,
         "unsubscribe_url": links.unsubscribe,
         "preferences_url": links.preferences,
         "postal_address": postal_address,
-    }, language)
+    }, language, reuse=reuse)

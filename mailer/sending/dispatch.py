@@ -21,6 +21,7 @@ from mailer.errors import MailerError
 from mailer.inbound.addresses import InboundAddresses
 from mailer.mail.locales import requested, translated
 from mailer.mail.mime import Envelope, MessageBuilder
+from mailer.mail.stencil import StencilCache
 from mailer.mail.stored import template_variables
 from mailer.mail.templates import Rendered
 from mailer.runtime import Runtime
@@ -106,6 +107,8 @@ class Dispatcher:
         self.builder = builder
         self.retry_base = retry_base
         self.slice_size = slice_size
+        #: Rendered templates to fill per message (see :meth:`_build`).
+        self.stencils = StencilCache()
         settings = runtime.settings
         # VERP (SPEC 6): with an inbound domain, each message's envelope sender names it.
         self.inbound = (
@@ -292,7 +295,9 @@ class Dispatcher:
             # notice must: SPEC 14), bound to the address this mail goes to (SPEC 3).
             token = self.rt.signer.sign("p", row.recipient_id, email_hash=row.to_hash)
             data = {**data, "preferences_url": self.rt.url(f"/preferences/{token}")}
-        rendered: Rendered = template.render(data, language=language)
+        # A campaign's messages share all but their personal fields: render the version
+        # once per fixed data and fill those in (mailer.mail.stencil says when it is safe).
+        rendered: Rendered = template.render_reused(data, self.stencils, language=language)
         extra: list[tuple[str, str]] = []
         if row.category == Category.PROMOTION.value:
             footer_language = self.rt.catalogue.messages.language_for(wanted, default_locale)
@@ -343,5 +348,5 @@ class Dispatcher:
         title = translated(topic.title, topic.translations, "title", language)
         rendered = add_footer(self.rt.catalogue.footer, rendered, topic_title=title,
                               links=links, postal_address=self.rt.settings.postal_address or "",
-                              language=language)
+                              language=language, reuse=True)
         return rendered, list_headers(row.topic, self.rt.mail_domain, links)
