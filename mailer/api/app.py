@@ -259,7 +259,7 @@ def create_app(rt: Runtime | None = None) -> FastAPI:
 
     @app.get("/readyz", tags=["operations"])
     def readyz(rt: Annotated[Runtime, Depends(runtime)]) -> JSONResponse:
-        """The database and Redis answer."""
+        """The database, Redis and the broker (when it is not that Redis) answer."""
         checks: dict[str, str] = {}
         try:
             with rt.engine.connect() as conn:
@@ -268,7 +268,17 @@ def create_app(rt: Runtime | None = None) -> FastAPI:
         except Exception as exc:
             checks["database"] = f"unreachable: {type(exc).__name__}"
         ping = getattr(rt.enqueuer, "ping", None)
-        checks["redis"] = "ok" if ping is None or ping() else "unreachable"
+        queue_ok = "ok" if ping is None or ping() else "unreachable"
+        if rt.settings.broker_url == rt.settings.redis_url:
+            checks["redis"] = queue_ok
+        else:
+            # RabbitMQ (or another Redis) holds the queue; MAILER_REDIS_URL still holds the
+            # sending pace and the shared metrics, so both must answer.
+            checks["broker"] = queue_ok
+            try:
+                checks["redis"] = "ok" if rt.redis.ping() else "unreachable"
+            except Exception as exc:
+                checks["redis"] = f"unreachable: {type(exc).__name__}"
         ready = all(v == "ok" for v in checks.values())
         return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks},
                             status_code=200 if ready else 503)

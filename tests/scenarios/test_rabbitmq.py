@@ -176,6 +176,7 @@ def test_send_path_through_rabbitmq(stack: Stack) -> None:
         # And readiness checks the broker actually in use
         ready = stack.client.get("/readyz")
         assert ready.status_code == 200, ready.text
+        assert ready.json()["checks"] == {"database": "ok", "broker": "ok", "redis": "ok"}
     finally:
         worker.stop()
     assert "Consumer encountered" not in worker.log_text()
