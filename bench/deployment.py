@@ -5,32 +5,43 @@ The Procfile's ``web``, ``worker`` and ``scheduler`` lines run exactly as writte
 but the settings a user must give: database, Redis, relay, secret, sender, public URL,
 postal address, templates and a DKIM key (``MAILER_DKIM_*``). Everything else keeps its
 default (SMTP pool, uvicorn workers, dramatiq processes and threads). One deployment
-serves three measured phases, against a fresh SQLite database per run:
+serves three measured phases, against a fresh database per run: a SQLite file, or a new
+database on a private PostgreSQL cluster (:mod:`bench.postgres`), as :class:`Database` says:
 
 1. **single sends**: ``POST /v1/messages/batch`` (500 per request, 2 clients), from the
    first request to the sink's 250 for the last message;
 2. **campaign**: ``POST /v1/campaigns`` to opted-in readers; the scheduler fans it out
    while the workers send, from the request to the last 250;
 3. **latency**: small batches offered at half the rate phase 1 reached; for each queued
-   message, the time from the API's 202 to the sink's 250 (p50, p99).
+   message, the time from the API's 202 to the sink's 250 (p50, p99), and from the moment
+   its request was sent. The first can be below zero: a worker may deliver a message
+   before the client has read the 202 of its batch.
 
-CPU per message is measured per process group (web, worker, scheduler, Redis, sink).
+CPU per message is measured per process group (web, worker, scheduler, Redis, sink, and
+on PostgreSQL the postmaster with every server process it forked). After each phase the
+database must record as sent every message the sink took.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from sqlalchemy import func, select
+from sqlalchemy import Engine, func, select, text
+from sqlalchemy.engine import make_url
 
 from bench import campaign, content, pipeline
 from bench.procs import ROOT, BenchError, Group, Proc, free_port, wait_until
@@ -46,6 +57,31 @@ PROCESSES = ("web", "worker", "scheduler")
 LATENCY_BATCH = 10
 #: Share of phase 1's rate offered in the latency phase.
 LATENCY_LOAD = 0.5
+
+
+@dataclass(frozen=True)
+class Database:
+    """Where deployment runs keep their data: a fresh database per run, and its server."""
+
+    name: str
+    #: (the run's work dir, a lowercase label unique to the run) -> a context manager
+    #: yielding the SQLAlchemy URL of an empty database, removed on exit if need be.
+    fresh: Callable[[Path, str], AbstractContextManager[str]]
+    #: The server's root process (PostgreSQL's postmaster): it and every process below it
+    #: are measured as the group named after the database. None: no server (SQLite).
+    server_pid: int | None = None
+    #: One line on the engine and its durability settings, for the printed summary.
+    describe: str = ""
+
+
+def _sqlite_file(work: Path, label: str) -> AbstractContextManager[str]:
+    del label  # one file per run directory
+    return contextlib.nullcontext(f"sqlite:///{work / 'mailer.db'}")
+
+
+#: The default: a SQLite file in the run's directory, with the pragmas of mailer.store.db.
+SQLITE = Database("sqlite", _sqlite_file,
+                  describe="SQLite file per run (WAL, synchronous=NORMAL: no fsync per commit)")
 
 
 def procfile() -> dict[str, str]:
@@ -86,23 +122,40 @@ def environment(cfg: Config, db_url: str, smtp_port: int, templates: Path, work:
     return env
 
 
-def _count_sent(db_url: str) -> int:
-    engine = make_engine(db_url)
-    try:
-        with engine.connect() as conn:
-            return int(conn.execute(select(func.count()).select_from(messages)
-                                    .where(messages.c.status == "sent")).scalar_one())
-    finally:
-        engine.dispose()
+def _count_sent(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(messages)
+                                .where(messages.c.status == "sent")).scalar_one())
 
 
 def _wait_sent(db_url: str, total: int, timeout: float) -> None:
     """The database records every message the sink took (nothing skipped for speed)."""
-    wait_until(f"{total} messages recorded as sent", lambda: _count_sent(db_url) >= total,
-               timeout, interval=0.1)
-    found = _count_sent(db_url)
+    engine = make_engine(db_url, pool_size=1)
+    try:
+        wait_until(f"{total} messages recorded as sent", lambda: _count_sent(engine) >= total,
+                   timeout, interval=0.1)
+        found = _count_sent(engine)
+    finally:
+        engine.dispose()
     if found != total:
         raise BenchError(f"database has {found} messages sent, the sink took {total}")
+
+
+def _continue_ids(db_url: str) -> None:
+    """Move PostgreSQL's recipients.id sequence past ids that seeding gave explicitly.
+
+    The campaign readers are inserted with their ids; a serial column's sequence does not
+    see those, and the next insert without an id (the single-send seeding) would collide.
+    """
+    if make_url(db_url).get_backend_name() != "postgresql":
+        return
+    engine = make_engine(db_url, pool_size=1)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("SELECT setval(pg_get_serial_sequence('recipients', 'id'), "
+                              "(SELECT max(id) FROM recipients))"))
+    finally:
+        engine.dispose()
 
 
 def _marketing_key(db_url: str) -> str:
@@ -115,12 +168,13 @@ def _marketing_key(db_url: str) -> str:
 
 
 def _paced(base: str, key: str, label: str, count: int, rate: float,
-           ) -> tuple[dict[str, float], float]:
+           ) -> tuple[dict[str, tuple[float, float]], float]:
     """Offer ``count`` messages at ``rate``/s in small batches from two threads.
 
-    Returns the 202 time of each queued message by address, and the rate achieved.
+    Returns the request and 202 times of each queued message by address, and the rate
+    achieved.
     """
-    accepted: dict[str, float] = {}
+    accepted: dict[str, tuple[float, float]] = {}
     failures: list[str] = []
     lock = threading.Lock()
     batches = [list(range(start, min(start + LATENCY_BATCH, count)))
@@ -135,8 +189,10 @@ def _paced(base: str, key: str, label: str, count: int, rate: float,
                 delay = began + number * interval - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
-                items = [{"template": content.TEMPLATE, "to": content.address(label, i),
-                          "data": content.data(i)} for i in batches[number]]
+                items: list[dict[str, Any]] = [
+                    {"template": content.TEMPLATE, "to": content.address(label, i),
+                     "data": content.data(i)} for i in batches[number]]
+                sent = time.monotonic()
                 response = http.post("/v1/messages/batch", headers=headers,
                                      content=json.dumps({"messages": items}).encode())
                 done = time.monotonic()
@@ -146,7 +202,7 @@ def _paced(base: str, key: str, label: str, count: int, rate: float,
                         return
                     for item, result in zip(items, response.json()["results"], strict=True):
                         if result.get("status") == "queued":
-                            accepted[item["to"]] = done
+                            accepted[item["to"]] = (sent, done)
 
     threads = [threading.Thread(target=sender, args=(lane,)) for lane in range(2)]
     for thread in threads:
@@ -158,8 +214,10 @@ def _paced(base: str, key: str, label: str, count: int, rate: float,
     return accepted, count / max(time.monotonic() - began, 1e-9)
 
 
-def _latencies(arrivals: Path, accepted: dict[str, float]) -> list[float]:
-    """Milliseconds from each message's 202 to its 250 at the sink."""
+def _latencies(arrivals: Path, accepted: dict[str, tuple[float, float]], which: int,
+               ) -> list[float]:
+    """Milliseconds to each message's 250 at the sink from its request (``which`` 0) or
+    its 202 (``which`` 1)."""
     arrived: dict[str, float] = {}
     for line in arrivals.read_text().splitlines():
         when, _, who = line.partition(" ")
@@ -168,7 +226,7 @@ def _latencies(arrivals: Path, accepted: dict[str, float]) -> list[float]:
     missing = len(accepted) - len(arrived)
     if missing:
         raise BenchError(f"{missing} accepted messages never reached the sink")
-    return [(arrived[who] - accepted[who]) * 1000 for who in accepted]
+    return [(arrived[who] - accepted[who][which]) * 1000 for who in accepted]
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -177,15 +235,25 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(share * len(ordered)) - 1))]
 
 
-def run(cfg: Config, sink_kind: str, index: int) -> list[Measurement]:
+def run(cfg: Config, sink_kind: str, index: int, database: Database = SQLITE,
+        ) -> list[Measurement]:
     """One run of the default deployment: single sends, a campaign, latency at half load."""
-    work = cfg.work / f"deployment-{sink_kind}-{index}"
+    work = cfg.work / f"deployment-{database.name}-{sink_kind}-{index}"
     work.mkdir(parents=True)
-    db_url = f"sqlite:///{work / 'mailer.db'}"
+    with database.fresh(work, f"deployment_{sink_kind}_{index}") as db_url:
+        results = _run(cfg, sink_kind, index, work, db_url, database)
+    for m in results:
+        m.database = database.name
+    return results
+
+
+def _run(cfg: Config, sink_kind: str, index: int, work: Path, db_url: str,
+         database: Database) -> list[Measurement]:
     upgrade(db_url)  # what `mailer db upgrade` does before the first start
     label, late = f"d{index}{sink_kind[0]}", f"l{index}{sink_kind[0]}"
     latency_count = max(cfg.messages // 2, 500)
     readers_suppressed = campaign._seed(db_url, pipeline.SECRET, cfg.messages)
+    _continue_ids(db_url)
     key, suppressed = pipeline._seed(db_url, label, cfg.messages, cfg.warmup)
     late_key, _ = pipeline._seed(db_url, late, latency_count, 0)
     marketing = _marketing_key(db_url)
@@ -218,9 +286,13 @@ def run(cfg: Config, sink_kind: str, index: int) -> list[Measurement]:
                   "redis": Group("redis", [cfg.redis_pid]),
                   "sink": Group("sink", [sink.proc.pid]),
                   "client": Group("client", [os.getpid()], tree=False)}
+        if database.server_pid is not None:
+            # The postmaster forks a backend per connection and its background writers;
+            # they are all below it, so its process tree is the server's whole CPU.
+            groups[database.name] = Group(database.name, [database.server_pid])
         note = (f"Procfile as shipped ({', '.join(PROCESSES)}), DKIM rsa-sha256 on, "
-                "default pool and processes")
-        # Warm-up: forks done, imports loaded, SMTP pools open, SQLite pages cached.
+                f"default pool and processes, {database.name}")
+        # Warm-up: forks done, imports loaded, SMTP pools open, database pages cached.
         pipeline._post_all(base, key, warm_bodies, 1)
         sink.wait_for(cfg.warmup, cfg.timeout, check)
         results: list[Measurement] = []
@@ -262,13 +334,18 @@ def run(cfg: Config, sink_kind: str, index: int) -> list[Measurement]:
         accepted, offered = _paced(base, late_key, late, latency_count, rate)
         sink.wait_for(before + len(accepted), cfg.timeout, check)
         cpu, rss = window.close()
-        waited = _latencies(arrivals, accepted)
+        waited = _latencies(arrivals, accepted, 1)
+        requested = _latencies(arrivals, accepted, 0)
+        _wait_sent(db_url, cfg.warmup + expected + campaign_expected + len(accepted),
+                   cfg.timeout)
         results.append(Measurement(
             "deployment: 50 % load", sink_kind, len(accepted), latency_count / offered, cpu,
             rss, note=f"batches of {LATENCY_BATCH}, {rate:,.0f} msg/s asked",
             background=window.background,
             latency={"p50_ms": percentile(waited, 0.50), "p99_ms": percentile(waited, 0.99),
-                     "mean_ms": statistics.fmean(waited), "offered": rate},
+                     "mean_ms": statistics.fmean(waited), "offered": rate,
+                     "request_p50_ms": percentile(requested, 0.50),
+                     "request_p99_ms": percentile(requested, 0.99)},
         ))
         return results
     finally:

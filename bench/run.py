@@ -5,13 +5,18 @@ its own Redis, sinks, API and workers on 127.0.0.1, runs every scenario several 
 prints one table of medians: messages per second, the ratio to the raw blast of the same
 run, CPU microseconds per message per process group, and peak RSS. The ``deployment``
 scenario (bench/deployment.py) runs the Procfile's processes as shipped, DKIM on, and is
-summarised on its own: raw blast, naive peer, single sends and campaign side by side, and
-the latency from acceptance to the sink's 250 at half load.
+summarised on its own, once per database (``--databases``: a SQLite file, and a private
+PostgreSQL cluster with its default durability, see bench/postgres.py): raw blast, naive
+peer, single sends and campaign side by side, and the latency from acceptance to the
+sink's 250 at half load. The blast and the naive peer do not touch a database; they run
+once per run and every database's ratios are taken against them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import platform
@@ -29,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import redis
 
-from bench import campaign, deployment, peers, pipeline
+from bench import campaign, deployment, peers, pipeline, postgres
 from bench.procs import ROOT, BenchError, machine_busy_seconds, python
 from bench.stack import GROUPS, Config, Measurement
 from tests.services import RedisServer
@@ -39,6 +44,12 @@ CAMPAIGN_SCRIPT = ROOT / "bench" / "campaign_fanout.py"
 BACKGROUND_WARN = 0.05
 #: How long to wait for the machine to become quiet before each run (seconds).
 QUIET_WAIT = 90.0
+#: The databases the deployment scenario (and the fan-out) can run on.
+DATABASES = ("sqlite", "postgresql")
+#: Process groups measured only on some rows (the PostgreSQL server on its runs).
+EXTRA_GROUPS = ("postgresql",)
+#: Longest a fan-out benchmark may run, per database (seconds).
+FANOUT_TIMEOUT = 3600
 
 
 def machine() -> str:
@@ -75,27 +86,27 @@ def _median(values: Sequence[float]) -> float:
 
 
 def summarise(results: list[Measurement], runs: int) -> list[dict[str, object]]:
-    """Median rows: one per (scenario, sink), with ratios taken within each run."""
+    """Median rows: one per (scenario, sink, database), with ratios taken within each run."""
     ceilings = {(m.sink, i): m.rate for i, m in _indexed(results) if m.scenario == "raw blast"}
     naive = {(m.sink, i): m.rate for i, m in _indexed(results) if m.scenario == "naive peer"}
     rows: list[dict[str, object]] = []
-    keys: list[tuple[str, str]] = []
+    keys: list[tuple[str, str, str]] = []
     for m in results:
-        if (m.scenario, m.sink) not in keys:
-            keys.append((m.scenario, m.sink))
-    for scenario, sink in keys:
-        mine = [(i, m) for i, m in _indexed(results) if (m.scenario, m.sink) == (scenario, sink)]
+        if _key(m) not in keys:
+            keys.append(_key(m))
+    for scenario, sink, database in keys:
+        mine = [(i, m) for i, m in _indexed(results) if _key(m) == (scenario, sink, database)]
         ratio = [m.rate / ceilings[(sink, i)] for i, m in mine if (sink, i) in ceilings]
         vs_naive = [m.rate / naive[(sink, i)] for i, m in mine if (sink, i) in naive]
         row: dict[str, object] = {
-            "scenario": scenario, "sink": sink, "runs": len(mine),
+            "scenario": _label(scenario, database), "sink": sink, "runs": len(mine),
             "rate": _median([m.rate for _, m in mine]),
             "ratio": _median(ratio) if ratio else None,
             "vs_naive": _median(vs_naive) if vs_naive else None,
             "note": mine[0][1].note,
             "background": max(m.background for _, m in mine),
         }
-        for group in GROUPS:
+        for group in (*GROUPS, *EXTRA_GROUPS):
             cpu = [c for _, m in mine if (c := m.cpu_us(group)) is not None]
             row[f"cpu_{group}"] = _median(cpu) if cpu else None
             rss = [m.rss[group] for _, m in mine if group in m.rss]
@@ -105,12 +116,21 @@ def summarise(results: list[Measurement], runs: int) -> list[dict[str, object]]:
     return rows
 
 
+def _key(m: Measurement) -> tuple[str, str, str]:
+    return m.scenario, m.sink, m.database
+
+
+def _label(scenario: str, database: str) -> str:
+    """The scenario's name, with the database when the scenario ran on more than one."""
+    return f"{scenario} [{database}]" if database else scenario
+
+
 def _indexed(results: list[Measurement]) -> list[tuple[int, Measurement]]:
-    # Each measurement's run number is in its position among its own (scenario, sink).
-    seen: dict[tuple[str, str], int] = {}
+    # Each measurement's run number is its position among its own (scenario, sink, db).
+    seen: dict[tuple[str, str, str], int] = {}
     out = []
     for m in results:
-        key = (m.scenario, m.sink)
+        key = _key(m)
         out.append((seen.get(key, 0), m))
         seen[key] = seen.get(key, 0) + 1
     return out
@@ -126,30 +146,43 @@ def _fmt(value: object, digits: int = 0) -> str:
 
 def table(rows: list[dict[str, object]]) -> str:
     """The Markdown table printed at the end (and pasted into the README)."""
-    names = [{"api": "API", "redis": "Redis"}.get(g, g) for g in GROUPS]
+    groups = [*GROUPS, *(g for g in EXTRA_GROUPS if any(r[f"cpu_{g}"] is not None for r in rows))]
+    names = [_group_name(g) for g in groups]
     head = ("| scenario | sink | msg/s | x ceiling | x naive | CPU us/msg " + " | ".join(names)
             + " | peak RSS MiB " + " | ".join(names) + " |")
-    lines = [head, "|" + "---|" * (5 + 2 * len(GROUPS))]
+    lines = [head, "|" + "---|" * (5 + 2 * len(groups))]
     for r in rows:
         lines.append(
             f"| {r['scenario']} | {r['sink']} | {_fmt(r['rate'])} | {_fmt(r['ratio'], 2)} "
             f"| {_fmt(r['vs_naive'], 1)} "
-            + "".join(f"| {_fmt(r[f'cpu_{g}'])} " for g in GROUPS)
-            + "".join(f"| {_fmt(r[f'rss_{g}'])} " for g in GROUPS)
+            + "".join(f"| {_fmt(r[f'cpu_{g}'])} " for g in groups)
+            + "".join(f"| {_fmt(r[f'rss_{g}'])} " for g in groups)
             + "|"
         )
     return "\n".join(lines)
 
 
-def deployment_summary(results: list[Measurement], sink: str) -> str:
-    """The default deployment next to the blast and the naive peer, one run per column."""
+def _group_name(group: str) -> str:
+    return {"api": "API", "redis": "Redis", "postgresql": "PostgreSQL"}.get(group, group)
+
+
+def deployment_summary(results: list[Measurement], sink: str, database: str = "",
+                       describe: str = "") -> str:
+    """The default deployment on one database next to the blast and the naive peer.
+
+    The blast and the naive peer use no database: each database's runs are divided by the
+    blast and naive peer of the same run index.
+    """
     runs: dict[str, list[Measurement]] = {}
     for m in results:
-        if m.sink == sink:
+        if m.sink == sink and (m.database == database or not m.scenario.startswith("deploy")):
             runs.setdefault(m.scenario, []).append(m)
     blasts, naives = runs.get("raw blast", []), runs.get("naive peer", [])
     lines = [f"Default deployment (Procfile web, worker, scheduler as shipped; DKIM on), "
-             f"{sink} sink; medians over runs, ratios within each run:"]
+             f"{sink} sink" + (f", on {database}" if database else "")
+             + "; medians over runs, ratios within each run:"]
+    if describe:
+        lines.append(f"  database: {describe}")
     for name in ("raw blast", "naive peer", "deployment: single sends", "deployment: campaign",
                  "deployment: 50 % load"):
         mine = runs.get(name, [])
@@ -158,7 +191,7 @@ def deployment_summary(results: list[Measurement], sink: str) -> str:
         ratio = [m.rate / b.rate for m, b in zip(mine, blasts, strict=False)]
         naive = [m.rate / n.rate for m, n in zip(mine, naives, strict=False)]
         cpu = ", ".join(
-            f"{g} {_median(values):,.0f}" for g in GROUPS
+            f"{g} {_median(values):,.0f}" for g in (*GROUPS, *EXTRA_GROUPS)
             if (values := [c for m in mine if (c := m.cpu_us(g)) is not None])
         )
         line = f"  {name:<26} {_median([m.rate for m in mine]):>8,.0f} msg/s"
@@ -175,23 +208,30 @@ def deployment_summary(results: list[Measurement], sink: str) -> str:
                 f"  {'':<26} latency 202 -> 250 at {_median([x['offered'] for x in latency]):,.0f}"
                 f" msg/s offered: p50 {_median([x['p50_ms'] for x in latency]):,.1f} ms, "
                 f"p99 {_median([x['p99_ms'] for x in latency]):,.1f} ms"
+                + (f"; from the request: p50 "
+                   f"{_median([x['request_p50_ms'] for x in latency]):,.1f} ms, p99 "
+                   f"{_median([x['request_p99_ms'] for x in latency]):,.1f} ms"
+                   if all("request_p50_ms" in x for x in latency) else "")
             )
     return "\n".join(lines)
 
 
-def campaign_rows(quick: bool, log: Path) -> str | None:
+def campaign_rows(quick: bool, database: str, log: Path) -> str | None:
     """Run the campaign fan-out benchmark when campaigns have landed; return its output."""
     if not CAMPAIGN_SCRIPT.exists() or not (ROOT / "mailer" / "campaigns" / "tick.py").exists():
         return None
-    argv = [python(), str(CAMPAIGN_SCRIPT)] + (["--quick"] if quick else [])
+    argv = [python(), str(CAMPAIGN_SCRIPT), "--database", database,
+            "--timeout", str(FANOUT_TIMEOUT - 60), *(["--quick"] if quick else [])]
     try:
-        done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=1800,
+        done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True,
+                              timeout=FANOUT_TIMEOUT,
                               env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
     except subprocess.TimeoutExpired:
-        return "campaign fan-out benchmark timed out after 30 min"
+        return f"campaign fan-out benchmark on {database} timed out after {FANOUT_TIMEOUT} s"
     log.write_text(done.stdout + done.stderr)
     if done.returncode != 0:
-        return f"campaign fan-out benchmark failed (exit {done.returncode}); see {log}"
+        return (f"campaign fan-out benchmark on {database} failed (exit {done.returncode}); "
+                f"see {log}")
     return done.stdout.strip()
 
 
@@ -213,6 +253,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=2, help="concurrent API clients")
     parser.add_argument("--sinks", default="fast,aiosmtpd",
                         help="comma-separated: fast, aiosmtpd")
+    parser.add_argument("--databases", default=",".join(DATABASES),
+                        help="comma-separated: sqlite, postgresql (a private cluster): what "
+                             "the deployment scenario and the fan-out run on")
     parser.add_argument("--scenarios", default="blast,pipeline,campaign,naive,deployment",
                         help="comma-separated: blast, pipeline, campaign, naive, deployment "
                              "(the Procfile as shipped, on the first sink; adds blast and "
@@ -231,9 +274,22 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile-mode", choices=("gil", "wall"), default="gil",
                         help="gil: where CPU goes; wall: what every thread waits for")
     args = parser.parse_args(argv)
+    args.databases = [d for d in args.databases.split(",") if d]
+    unknown = sorted(set(args.databases) - set(DATABASES))
+    if unknown or not args.databases:
+        parser.error(f"--databases: choose among {', '.join(DATABASES)} (got {unknown})")
     if args.quick:
         args.runs, args.messages, args.naive_messages = 1, 3_000, 1_500
     return args
+
+
+def _database(name: str, stack: contextlib.ExitStack) -> deployment.Database:
+    """The deployment scenario's database ``name``; a PostgreSQL cluster joins ``stack``."""
+    if name == "sqlite":
+        return deployment.SQLITE
+    cluster = stack.enter_context(postgres.cluster())
+    return deployment.Database("postgresql", lambda _work, label: cluster.fresh_database(label),
+                               server_pid=cluster.pid, describe=cluster.describe())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -246,8 +302,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: list[Measurement] = []
     started = time.monotonic()
     server = RedisServer(directory=work / "redis")
+    databases: dict[str, deployment.Database] = {}
+    stack = contextlib.ExitStack()
     try:
         server.start()
+        if "deployment" in scenarios and sinks:
+            databases = {name: _database(name, stack) for name in args.databases}
         cfg = Config(messages=args.messages, naive_messages=args.naive_messages,
                      processes=args.processes, threads=args.threads, pool_size=args.pool_size,
                      api_workers=args.api_workers,
@@ -274,7 +334,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if "naive" in scenarios and sink in ("fast", sinks[0]):
                 plan.append(("naive peer", sink, peers.naive))
             if "deployment" in scenarios and sink == sinks[0]:
-                plan.append(("deployment", sink, deployment.run))
+                for database in databases.values():
+                    plan.append(("deployment", sink,
+                                 functools.partial(deployment.run, database=database)))
         for index in range(args.runs):
             for _name, sink, scenario in plan:
                 client.flushall()
@@ -283,7 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 outcome = scenario(replace(cfg), sink, index)
                 for m in outcome if isinstance(outcome, list) else [outcome]:
                     results.append(m)
-                    print(f"run {index + 1}/{args.runs} {m.scenario:<12} {sink:<8} "
+                    print(f"run {index + 1}/{args.runs} {_label(m.scenario, m.database):<12} "
+                          f"{sink:<8} "
                           f"{m.delivered:>6} msgs in {m.seconds:6.2f} s = {m.rate:7.0f} msg/s "
                           f"(other load {m.background:.2f} cores)", flush=True)
         client.close()
@@ -292,30 +355,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.keep = True
         return 1
     finally:
+        stack.close()  # the PostgreSQL cluster, if one was started
         server.close()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     rows = summarise(results, args.runs)
-    print()
-    print(f"Medians of {args.runs} run(s); {args.messages} messages per pipeline/blast run, "
-          f"{args.naive_messages} per naive run; {args.processes} worker processes x "
-          f"{args.threads} threads, SMTP pool {args.pool_size} per process, "
-          f"{args.api_workers} API processes; "
-          f"{time.monotonic() - started:.0f} s in all.")
-    print(table(rows))
-    notes = sorted({f"{r['scenario']}: {r['note']}" for r in rows if r["note"]})
-    for note in notes:
-        print(f"  {note}")
-    if "deployment" in scenarios and sinks:
+    if rows:  # none when only the fan-out ran
         print()
-        print(deployment_summary(results, sinks[0]))
+        print(f"Medians of {args.runs} run(s); {args.messages} messages per pipeline/blast run, "
+              f"{args.naive_messages} per naive run; {args.processes} worker processes x "
+              f"{args.threads} threads, SMTP pool {args.pool_size} per process, "
+              f"{args.api_workers} API processes; "
+              f"{time.monotonic() - started:.0f} s in all.")
+        print(table(rows))
+        notes = sorted({f"{r['scenario']}: {r['note']}" for r in rows if r["note"]})
+        for note in notes:
+            print(f"  {note}")
+    for name, database in databases.items():
+        print()
+        print(deployment_summary(results, sinks[0], name, database.describe))
     loaded = max((float(str(r["background"])) for r in rows), default=0.0)
     if loaded > BACKGROUND_WARN:
         print(f"  WARNING: other processes used up to {loaded:.2f} cores during a run; "
               "the figures understate this machine.")
     if "fanout" in scenarios:
-        output = campaign_rows(args.quick, work.parent / f"{work.name}-campaign.log")
-        print(output if output else "campaign fan-out: not available (mailer/campaigns/tick.py)")
+        for name in args.databases:
+            output = campaign_rows(args.quick, name,
+                                   work.parent / f"{work.name}-campaign-{name}.log")
+            print(output if output
+                  else "campaign fan-out: not available (mailer/campaigns/tick.py)")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(), "rows": rows,
                                          "runs": [asdict(m) for m in results]}, indent=2))

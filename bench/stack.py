@@ -68,6 +68,8 @@ class Measurement:
     background: float = 0.0
     #: Acceptance-to-250 latency figures (``p50_ms``, ``p99_ms``, ...), when measured.
     latency: dict[str, float] = field(default_factory=dict)
+    #: The database the run kept its data in, when the scenario runs on more than one.
+    database: str = ""
 
     @property
     def rate(self) -> float:
