@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -171,18 +171,23 @@ class Template:
         return (plain, read) if plain is not None else None
 
     def render_reused(self, data: Mapping[str, Any], cache: StencilCache, *,
-                      language: str | None = None) -> Rendered:
+                      language: str | None = None, common: Collection[str] = ()
+                      ) -> Rendered:
         """What :meth:`render` gives, from a stencil shared by every message with the same
         fixed values (a campaign's shared data), filled with this message's own values.
 
         See :mod:`mailer.mail.stencil` for when a value is filled rather than fixed; a
-        template that cannot be reused safely is rendered in full.
+        template that cannot be reused safely is rendered in full. ``common`` names the
+        values other messages share (a campaign's data): a fixed value outside it would
+        make a stencil for one message only, which costs more than a plain render.
         """
         self._check_present(data)
         plan = self._reuse_plan
         if plan is None:
             return self.render(data, language=language)
         slots, fixed = split_values(data, *plan)
+        if any(name not in common for name in fixed):
+            return self.render(data, language=language)
         key_text = fixed_key(fixed)
         if key_text is None:
             return self.render(data, language=language)

@@ -286,8 +286,10 @@ class Dispatcher:
         chosen = self.rt.catalogue.get(row.template)
         template, language = chosen.localised(wanted, default_locale)
         data = row.data or {}
+        common: frozenset[str] = frozenset()
         if row.campaign_id:
             # The campaign's data first; the recipient's profile fields win over it.
+            common = frozenset(shared.get(row.campaign_id, {})) - set(data)
             data = {**shared.get(row.campaign_id, {}), **data}
         if row.recipient_id is not None and "preferences_url" not in data and \
                 "preferences_url" in (template_variables(self.rt.catalogue, chosen) or ()):
@@ -297,7 +299,8 @@ class Dispatcher:
             data = {**data, "preferences_url": self.rt.url(f"/preferences/{token}")}
         # A campaign's messages share all but their personal fields: render the version
         # once per fixed data and fill those in (mailer.mail.stencil says when it is safe).
-        rendered: Rendered = template.render_reused(data, self.stencils, language=language)
+        rendered: Rendered = template.render_reused(data, self.stencils, language=language,
+                                                    common=common)
         extra: list[tuple[str, str]] = []
         if row.category == Category.PROMOTION.value:
             footer_language = self.rt.catalogue.messages.language_for(wanted, default_locale)
