@@ -11,14 +11,16 @@ messages = Table(
     metadata,
     Column("id", String(32), primary_key=True),
     Column("api_key_id", Integer),
-    Column("campaign_id", String(32), index=True),
+    # Looked up through ix_messages_campaign_status and uq_messages_campaign_to_hash.
+    Column("campaign_id", String(32)),
     Column("category", String(40), nullable=False),
     Column("template", String(100), nullable=False),
     Column("topic", String(100)),
     Column("recipient_id", Integer, ForeignKey("recipients.id", ondelete="SET NULL")),
     Column("to_email", String(320)),
     Column("to_name", String(200)),
-    Column("to_hash", String(64), index=True),
+    # Looked up through ix_messages_to_hash_category (its first column).
+    Column("to_hash", String(64)),
     Column("data", JSON),
     Column("status", String(20), nullable=False),
     Column("reason", String(40)),
@@ -36,6 +38,8 @@ messages = Table(
     Column("locale", String(35)),
     Index("ix_messages_status_updated", "status", "updated_at"),
     Index("ix_messages_to_hash_category", "to_hash", "category", "created_at"),
+    # GET /v1/messages: newest first, keyset-paged on (created_at, id).
+    Index("ix_messages_created_id", "created_at", "id"),
 )
 
 message_events = Table(
