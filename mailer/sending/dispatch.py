@@ -101,14 +101,17 @@ class Dispatcher:
         builder: MessageBuilder,
         retry_base: timedelta = DEFAULT_RETRY_BASE,
         slice_size: int = 16,
+        reuse_renders: bool = True,
     ) -> None:
         self.rt = runtime
         self.transport = transport
         self.builder = builder
         self.retry_base = retry_base
         self.slice_size = slice_size
-        #: Rendered templates to fill per message (see :meth:`_build`).
+        #: Rendered templates to fill per message (see :meth:`_build`); ``reuse_renders``
+        #: off renders every message in full (the same bytes: bench/render_reuse.py).
         self.stencils = StencilCache()
+        self.reuse_renders = reuse_renders
         settings = runtime.settings
         # VERP (SPEC 6): with an inbound domain, each message's envelope sender names it.
         self.inbound = (
@@ -299,8 +302,9 @@ class Dispatcher:
             data = {**data, "preferences_url": self.rt.url(f"/preferences/{token}")}
         # A campaign's messages share all but their personal fields: render the version
         # once per fixed data and fill those in (mailer.mail.stencil says when it is safe).
-        rendered: Rendered = template.render_reused(data, self.stencils, language=language,
-                                                    common=common)
+        rendered: Rendered = (
+            template.render_reused(data, self.stencils, language=language, common=common)
+            if self.reuse_renders else template.render(data, language=language))
         extra: list[tuple[str, str]] = []
         if row.category == Category.PROMOTION.value:
             footer_language = self.rt.catalogue.messages.language_for(wanted, default_locale)
@@ -351,5 +355,5 @@ class Dispatcher:
         title = translated(topic.title, topic.translations, "title", language)
         rendered = add_footer(self.rt.catalogue.footer, rendered, topic_title=title,
                               links=links, postal_address=self.rt.settings.postal_address or "",
-                              language=language, reuse=True)
+                              language=language, reuse=self.reuse_renders)
         return rendered, list_headers(row.topic, self.rt.mail_domain, links)
