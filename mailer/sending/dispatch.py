@@ -279,8 +279,14 @@ class Dispatcher:
         if retry_at - row.created_at > MAX_AGE[Category(row.category)]:
             return Outcome(row.id, MessageStatus.FAILED, reason="expired", smtp_code=code,
                            smtp_response=text)
+        # Held back by our relay or the pace, not refused for the recipient: this attempt
+        # does not count toward MAILER_MAX_ATTEMPTS (whose job is to stop a message that
+        # kills its worker); the category's age limit above still ends it. Kept just below
+        # the cap, so the backoff stays at its longest.
+        held_back = result.relay_error or result.retry_after is not None
+        cap = self.rt.settings.max_attempts - 1 if held_back else None
         return Outcome(row.id, MessageStatus.DEFERRED, reason=reason, smtp_code=code,
-                       smtp_response=text, next_attempt_at=retry_at)
+                       smtp_response=text, next_attempt_at=retry_at, attempts_at_most=cap)
 
     def _build(self, row: Row[Any], topic_info: dict[str, Any], now: datetime,
                shared: Mapping[str, Mapping[str, Any]], wanted: str | None = None) -> Envelope:

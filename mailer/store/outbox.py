@@ -16,7 +16,18 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Row, and_, bindparam, insert, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Integer,
+    Row,
+    and_,
+    bindparam,
+    case,
+    insert,
+    or_,
+    select,
+    update,
+)
 
 from mailer.events.record import MessageChange, record_message_changes
 from mailer.store.schema import message_events, messages
@@ -41,6 +52,11 @@ class Outcome:
     smtp_response: str | None = None
     next_attempt_at: datetime | None = None
     event: str | None = None
+    #: Lower ``attempts`` to at most this: the attempt reached the relay and was held back
+    #: by it (SPEC 5: a relay error or throttling is retried, never failed for the
+    #: recipient), so it must not count toward the cap meant for messages that kill
+    #: their worker. ``None`` leaves the count as the claim set it.
+    attempts_at_most: int | None = None
 
 
 def insert_messages(conn: Connection, rows: Sequence[Mapping[str, Any]], now: datetime) -> None:
@@ -140,6 +156,7 @@ def finish(conn: Connection, outcomes: Iterable[Outcome], now: datetime) -> int:
             "b_next": o.next_attempt_at,
             "b_sent": now if o.status == MessageStatus.SENT else None,
             "b_now": now,
+            "b_cap": o.attempts_at_most,
         }
         for o in outcomes
     ]
@@ -158,6 +175,10 @@ def finish(conn: Connection, outcomes: Iterable[Outcome], now: datetime) -> int:
             sent_at=bindparam("b_sent"),
             lease_until=None,
             updated_at=bindparam("b_now"),
+            # "attempts > NULL" is NULL, so without a cap the count stays as it is.
+            attempts=case((messages.c.attempts > bindparam("b_cap", type_=Integer),
+                           bindparam("b_cap", type_=Integer)),
+                          else_=messages.c.attempts),
         )
     )
     result = conn.execute(statement, params)
