@@ -42,6 +42,21 @@ def sample_data(template: Template, personal: dict[str, Any]) -> dict[str, Any]:
     return {**base, **personal}
 
 
+def both_ways(template: Template, data: dict[str, Any], cache: StencilCache,
+              language: str | None = None) -> tuple[Rendered | str, Rendered | str]:
+    """A full render and a reused one of ``data`` (everything in it shared), or the error
+    each raised as text: reuse must raise what render raises."""
+    results: list[Rendered | str] = []
+    for reuse in (False, True):
+        try:
+            results.append(template.render_reused(data, cache, language=language,
+                                                  common=data.keys()) if reuse
+                           else template.render(data, language=language))
+        except Exception as exc:
+            results.append(f"{type(exc).__name__}: {exc}")
+    return results[0], results[1]
+
+
 def shipped_versions() -> list[tuple[Template, str]]:
     return [(version, language) for template in CATALOGUE
             for language, version in [("en", template), *template.translations.items()]]
@@ -58,15 +73,7 @@ def test_every_shipped_version_fills_to_what_it_renders(
     # worker keeps one)
     data = sample_data(template, {"name": name, "body": body, "confirm_url": url})
     # When it is rendered in full and reused from a stencil
-    try:
-        expected: Rendered | str = template.render(data, language=language)
-    except Exception as exc:  # what render raises, reuse must raise too
-        expected = f"{type(exc).__name__}: {exc}"
-    try:
-        got: Rendered | str = template.render_reused(data, SHARED, language=language,
-                                                     common=data.keys())
-    except Exception as exc:
-        got = f"{type(exc).__name__}: {exc}"
+    expected, got = both_ways(template, data, SHARED, language)
     # Then both agree, byte for byte (or fail alike)
     assert got == expected
 
@@ -157,16 +164,8 @@ def test_bare_outputs_and_trans_variables_are_filled() -> None:
 def test_templates_that_read_the_value_still_render_as_in_full(source: str, name: Any) -> None:
     # Given a template whose output depends on the value itself
     template = Template("t", Category.SERVICE_ALERT, None, "{{ name }}", source)
-    cache = StencilCache()
-    data = {"name": name}
-    try:
-        expected: Rendered | str = template.render(data)
-    except Exception as exc:  # what render raises, reuse must raise too
-        expected = f"{type(exc).__name__}: {exc}"
-    try:
-        got: Rendered | str = template.render_reused(data, cache, common=data.keys())
-    except Exception as exc:
-        got = f"{type(exc).__name__}: {exc}"
+    # When it is rendered in full and reused from a stencil
+    expected, got = both_ways(template, {"name": name}, StencilCache())
     # Then reuse gives what a full render gives
     assert got == expected
 
@@ -185,15 +184,7 @@ def test_a_stored_template_fills_within_its_sandbox(first: Any, second: Any) -> 
         for name, vip in ((first, True), (second, False), ("Ada", True)):
             data = {"headline": "Sale", "name": name, "vip": vip}
             # When rendered both ways
-            try:
-                expected: Rendered | str = version.render(data, language=language)
-            except Exception as exc:  # what render raises, reuse must raise too
-                expected = f"{type(exc).__name__}: {exc}"
-            try:
-                got: Rendered | str = version.render_reused(data, cache, language=language,
-                                                            common=data.keys())
-            except Exception as exc:
-                got = f"{type(exc).__name__}: {exc}"
+            expected, got = both_ways(version, data, cache, language)
             # Then they agree
             assert got == expected
 
