@@ -36,8 +36,10 @@ from markupsafe import escape
 #: reader, and refused in values and templates (a stencil is not built if they occur).
 _OPEN, _CLOSE = "\ue000", "\ue001"
 _MARK = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
-#: Stencils kept per process (least recently used dropped first).
+#: Stencils kept per cache (least recently used dropped first), and the text they may
+#: hold together: a message may render to 2 M characters, so the count alone is no bound.
 CACHE_SIZE = 256
+CACHE_CHARS = 32_000_000
 
 
 def marker(slot: int) -> str:
@@ -154,10 +156,12 @@ def fixed_key(fixed: Mapping[str, Any]) -> str | None:
 class StencilCache:
     """Stencils by key, least recently used dropped first; safe across worker threads."""
 
-    def __init__(self, size: int = CACHE_SIZE) -> None:
+    def __init__(self, size: int = CACHE_SIZE, chars: int = CACHE_CHARS) -> None:
         self.size = size
+        self.chars = chars
         self._lock = threading.Lock()
         self._items: OrderedDict[Hashable, Stencil | None] = OrderedDict()
+        self._held = 0
         self.hits = 0
         self.misses = 0
 
@@ -171,8 +175,23 @@ class StencilCache:
             self.misses += 1
         stencil = build()
         with self._lock:
-            self._items[key] = stencil
+            if key not in self._items:
+                self._items[key] = stencil
+                self._held += _chars(stencil)
             self._items.move_to_end(key)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
+            while len(self._items) > self.size or (self._held > self.chars
+                                                   and len(self._items) > 1):
+                _, dropped = self._items.popitem(last=False)
+                self._held -= _chars(dropped)
         return stencil
+
+    @property
+    def held_chars(self) -> int:
+        """Characters of text the cached stencils hold now."""
+        return self._held
+
+
+def _chars(stencil: Stencil | None) -> int:
+    if stencil is None:
+        return 0
+    return sum(len(piece) for part in stencil.parts for piece in part if isinstance(piece, str))

@@ -222,3 +222,22 @@ def test_the_footer_renders_once_per_language_and_campaign(tmp_path: Path) -> No
                             "postal_address": "Example Ltd, 1 Example Street"}, "en", reuse=True)
     # Then the footer was rendered once and filled 99 times
     assert (footer.stencils.misses, footer.stencils.hits) == (1, 99)
+
+
+def test_the_cache_is_bounded_by_the_text_it_holds() -> None:
+    # Given a cache that may hold 10,000 characters, and campaigns whose bodies are 3,000
+    # (with line breaks, so they are fixed in the stencil rather than filled in)
+    cache = StencilCache(size=100, chars=10_000)
+    template = CATALOGUE.get("newsletter")
+    for n in range(10):
+        shared = {"headline": f"Issue {n}", "body": f"{n}\n" + "x" * 3000}
+        data = {**shared, "name": "Ada"}
+        # When each campaign's stencil is made
+        assert template.render_reused(data, cache, common=shared.keys()) == template.render(data)
+        # Then the oldest are dropped to stay within the bound
+        assert cache.held_chars <= 10_000
+    assert cache.misses == 10
+    # And the newest is still there: filling it is a hit
+    template.render_reused({"headline": "Issue 9", "body": "9\n" + "x" * 3000, "name": "Bo"},
+                           cache, common={"headline", "body"})
+    assert cache.hits == 1
