@@ -69,6 +69,14 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
 
 
+@pytest.fixture()
+def redis() -> Iterator[RedisServer]:
+    """A private Redis for one test: only its own workers see the queue and the pace."""
+    require("redis-server", redis_server_available(), "redis-server is not installed")
+    with RedisServer() as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def rabbitmq_server() -> Iterator[RabbitMQServer]:
     """A private rabbitmq-server (the other broker, ``MAILER_BROKER_URL=amqp://``)."""

@@ -3,6 +3,11 @@
 Each step is one Lua script, atomic on the server, on the server's clock (``TIME``), so
 hosts with skewed clocks still agree. The scripts mirror :mod:`mailer.smtp.bucket` (the
 pure reference) and :class:`~mailer.smtp.pace.MemoryPace` line by line.
+
+Keys, each with a TTL: ``<prefix>:global`` is the relay's pace, shared by every domain
+(the global bucket of ``MAILER_SMTP_MAX_RATE`` and, after a relay-wide throttling reply,
+its slowdown); ``<prefix>:rate:<domain>`` a domain's bucket and slowdown, in the same
+fields; ``<prefix>:busy:<domain>`` the domain's open transactions.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ from mailer.smtp.pace import (
     Pace,
     PaceLimits,
     Permit,
+    is_relay_throttling,
     is_throttling,
 )
+from mailer.smtp.replies import Stage
 
 # The Lua below mirrors mailer.smtp.bucket; keep the two in step. Numbers travel as
 # strings ("%.17g" both ways) because Redis truncates a Lua number reply to an integer.
@@ -33,8 +40,9 @@ local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local BURST = tonumber(ARGV[1])
 local EPSILON = 1e-9
 
--- bucket.current_rate/recovered: the domain's pace, clearing a finished slowdown.
-local function domain_rate(key, configured, base, recovery)
+-- bucket.current_rate/recovered: a domain's or the relay's pace (configured 0: none),
+-- clearing a finished slowdown.
+local function current_rate(key, configured, base, recovery)
   local s = redis.call('HMGET', key, 'srate', 'since')
   local srate, since = tonumber(s[1]), tonumber(s[2])
   if srate == nil or since == nil then
@@ -70,9 +78,10 @@ local function take(key, n, rate)
 end
 """
 
-# KEYS: global bucket, domain pace, domain leases.
+# KEYS: global (relay) pace, domain pace, domain leases.
 # ARGV: burst seconds, n, global rate (0: none), domain rate (0: none), throttle base,
-#       recovery per second, concurrency (0: none), lease s, permit token, ttl ms, busy poll s
+#       recovery per second, concurrency (0: none), lease s, permit token, ttl ms, busy poll s,
+#       relay throttle base
 _ACQUIRE = _LUA_COMMON + """
 local n = tonumber(ARGV[2])
 local global_rate = tonumber(ARGV[3])
@@ -92,11 +101,13 @@ if concurrency > 0 then
   end
 end
 
-local rate = domain_rate(KEYS[2], configured, base, recovery)
+local rate = current_rate(KEYS[2], configured, base, recovery)
 local d_tokens, d_wait, d_at = nil, 0, now
 if rate > 0 then
   d_tokens, d_wait, d_at = take(KEYS[2], n, rate)
 end
+-- A relay-wide throttling reply slows the global pace, with a rate even when unlimited.
+global_rate = current_rate(KEYS[1], global_rate, tonumber(ARGV[12]), recovery)
 local g_tokens, g_wait, g_at = nil, 0, now
 if global_rate > 0 then
   g_tokens, g_wait, g_at = take(KEYS[1], n, global_rate)
@@ -124,9 +135,10 @@ end
 return {1, ''}
 """
 
-# KEYS: domain leases, domain pace.
-# ARGV: burst seconds, permit token, throttled (1/0), domain rate (0: none), throttle base,
-#       recovery per second, floor fraction, slowdown interval s, ttl ms
+# KEYS: domain leases, the pace to slow: the domain's, or the global one for a relay-wide
+#       reply (the same fields and rules).
+# ARGV: burst seconds, permit token, throttled (1/0), that pace's configured rate (0: none),
+#       its throttle base, recovery per second, floor fraction, slowdown interval s, ttl ms
 _RELEASE = _LUA_COMMON + """
 redis.call('ZREM', KEYS[1], ARGV[2])
 if ARGV[3] ~= '1' then
@@ -137,7 +149,7 @@ local base = tonumber(ARGV[5])
 local recovery = tonumber(ARGV[6])
 local s = redis.call('HMGET', KEYS[2], 'since')
 local since = tonumber(s[1])
-local rate, slowed = domain_rate(KEYS[2], configured, base, recovery)
+local rate, slowed = current_rate(KEYS[2], configured, base, recovery)
 if slowed and now - since < tonumber(ARGV[8]) then
   return 0  -- bucket.slow_down: halved less than a second ago, the same signal again
 end
@@ -155,22 +167,33 @@ redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[9]))
 return 1
 """
 
-# KEYS: domain pace. ARGV: burst seconds, domain rate (0: none), throttle base, recovery.
-# Returns {rate or '', slowed 1/0, recovers in s, next token in s}.
+# KEYS: domain pace, global (relay) pace.
+# ARGV: burst seconds, domain rate (0: none), throttle base, recovery, global rate (0: none),
+#       relay throttle base.
+# Returns {rate or '', slowed 1/0, recovers in s, next token in s}, the domain's and then
+# the relay's.
 _STATUS = _LUA_COMMON + """
-local configured = tonumber(ARGV[2])
-local base = tonumber(ARGV[3])
 local recovery = tonumber(ARGV[4])
-local rate, slowed = domain_rate(KEYS[1], configured, base, recovery)
-if rate <= 0 then
-  return {'', 0, '0', '0'}
+
+-- bucket.recovery_time and wait_for of one pace, as strings.
+local function status(key, configured, base)
+  local rate, slowed = current_rate(key, configured, base, recovery)
+  if rate <= 0 then
+    return '', 0, '0', '0'
+  end
+  local recovers_in = 0
+  if slowed then
+    recovers_in = (base - rate) / (base * recovery)
+  end
+  local _, wait = take(key, 1, rate)
+  return tostring(rate), slowed and 1 or 0, tostring(recovers_in), tostring(wait)
 end
-local recovers_in = 0
-if slowed then
-  recovers_in = (base - rate) / (base * recovery)
-end
-local _, wait = take(KEYS[1], 1, rate)
-return {tostring(rate), slowed and 1 or 0, tostring(recovers_in), tostring(wait)}
+
+local d_rate, d_slowed, d_recovers, d_next = status(KEYS[1], tonumber(ARGV[2]),
+                                                    tonumber(ARGV[3]))
+local g_rate, g_slowed, g_recovers, g_next = status(KEYS[2], tonumber(ARGV[5]),
+                                                    tonumber(ARGV[6]))
+return {d_rate, d_slowed, d_recovers, d_next, g_rate, g_slowed, g_recovers, g_next}
 """
 
 
@@ -225,17 +248,23 @@ class RedisPace(Pace):
                 repr(bucket.BURST_SECONDS), n, repr(self.limits.max_rate or 0.0),
                 repr(configured), repr(base), repr(self.limits.recovery), concurrency,
                 repr(self.limits.lease), token, self._ttl_ms, repr(BUSY_POLL),
+                repr(self.limits.relay_base_rate()),
             ],
         )
         if int(reply[0]) == 1:
             return Permit(domain, n, token)
         return max(float(_text(reply[1])), 0.0)
 
-    async def release(self, permit: Permit, code: int | None = None, text: str = "") -> bool:
-        """Free the permit's slot; report the reply. True when it slowed the domain down."""
-        _, pace_key, busy_key = self._keys(permit.domain)
+    async def release(self, permit: Permit, code: int | None = None, text: str = "",
+                      stage: Stage | None = None) -> bool:
+        """Free the permit's slot; report the reply. True when it slowed a pace down."""
+        global_key, pace_key, busy_key = self._keys(permit.domain)
         configured, base = self._rates(permit.domain)
         throttled = is_throttling(code, text)
+        if throttled and is_relay_throttling(code, text, stage):
+            # About our account at the relay: slow the global pace every domain shares.
+            pace_key = global_key
+            configured, base = self.limits.max_rate or 0.0, self.limits.relay_base_rate()
         # Shielded: a worker cancelled while releasing must still free the slot, or the
         # domain loses it until the lease expires.
         reply = await asyncio.shield(self._release(
@@ -249,20 +278,26 @@ class RedisPace(Pace):
         return int(reply) == 1
 
     async def status(self, domain: str) -> DomainStatus:
-        """The domain's pace right now."""
+        """The domain's pace right now, and the relay's (the global pace)."""
         domain = normalise_domain(domain)
         configured, base = self._rates(domain)
+        global_key, pace_key, _ = self._keys(domain)
         reply = await self._status(
-            keys=[self._keys(domain)[1]],
+            keys=[pace_key, global_key],
             args=[repr(bucket.BURST_SECONDS), repr(configured), repr(base),
-                  repr(self.limits.recovery)],
+                  repr(self.limits.recovery), repr(self.limits.max_rate or 0.0),
+                  repr(self.limits.relay_base_rate())],
         )
-        rate = _text(reply[0])
+        rate, relay_rate = _text(reply[0]), _text(reply[4])
         return DomainStatus(
             rate=float(rate) if rate else None,
             slowed=int(reply[1]) == 1,
             recovers_in=max(float(_text(reply[2])), 0.0),
             next_in=max(float(_text(reply[3])), 0.0),
+            relay_rate=float(relay_rate) if relay_rate else None,
+            relay_slowed=int(reply[5]) == 1,
+            relay_recovers_in=max(float(_text(reply[6])), 0.0),
+            relay_next_in=max(float(_text(reply[7])), 0.0),
         )
 
     async def close(self) -> None:

@@ -2,11 +2,13 @@
 
 Around each transaction :class:`PacedTransport` takes a permit from the shared
 :class:`~mailer.smtp.pace.Pace` (global ``MAILER_SMTP_MAX_RATE``, per-domain
-``MAILER_DOMAIN_LIMITS``) and gives it back with the reply, so a throttling reply slows
-the whole recipient domain. A domain already slowed is not contacted at all: its
-messages come back at once as deferred with ``retry_after`` (the pace's
-:meth:`~mailer.smtp.pace.Pace.defer_hint`), so they wait as a group in the outbox
-instead of holding worker threads, and mail to other domains keeps flowing.
+``MAILER_DOMAIN_LIMITS``) and gives it back with the reply and the stage it ended at, so
+a throttling reply slows the whole recipient domain, or, when it is about our account at
+the relay (:func:`~mailer.smtp.pace.is_relay_throttling`), every domain. A domain already
+slowed is not contacted at all: its messages come back at once as deferred with
+``retry_after`` (the pace's :attr:`~mailer.smtp.pace.DomainStatus.hold`), so they wait as
+a group in the outbox instead of holding worker threads, and mail to other domains keeps
+flowing unless the relay itself is slowed.
 """
 
 from __future__ import annotations
@@ -72,20 +74,20 @@ class PacedTransport:
         # The dispatcher sends one recipient per envelope; the first names the domain.
         domain = recipient_domain(envelope.recipients[0])
         try:
-            hint = await self.pace.defer_hint(domain)
-            if hint > 0:
-                return _held("the recipient domain is slowed after throttling replies", hint)
+            state = await self.pace.status(domain)
+            if state.hold > 0:
+                return _held(state.hold_reason, state.hold)
             began = time.monotonic()
             permit = await self.pace.acquire(domain, len(envelope.recipients),
                                              timeout=self._acquire_timeout)
             if time.monotonic() - began > _WAITED:
-                # It waited its turn: a throttling reply may have slowed the domain since,
-                # and it must then wait with the group, not test the relay once more.
-                hint = await self.pace.defer_hint(domain)
-                if hint > 0:
+                # It waited its turn: a throttling reply may have slowed the domain (or the
+                # relay) since, and it must then wait with the group, not test the relay
+                # once more.
+                state = await self.pace.status(domain)
+                if state.hold > 0:
                     await self._release(permit)
-                    return _held("the recipient domain is slowed after throttling replies",
-                                 hint)
+                    return _held(state.hold_reason, state.hold)
         except PaceTimeout:
             # Queued behind others for longer than the claim may last: back to the outbox.
             return _held("no sending slot within the wait limit",
@@ -98,9 +100,10 @@ class PacedTransport:
         except BaseException:
             await self._release(permit)
             raise
-        await self._release(permit, result.code, result.response)
+        await self._release(permit, result.code, result.response, result.stage)
         if result.outcome is Outcome.DEFERRED and is_throttling(result.code, result.response):
-            # SPEC 5: this message and the domain's other queued mail wait as a group.
+            # SPEC 5: this message and the domain's (or, for a relay-wide reply, every
+            # domain's) other queued mail wait as a group.
             try:
                 wait = await self.pace.defer_hint(domain)
             except Exception:
@@ -116,9 +119,10 @@ class PacedTransport:
         finally:
             await self.pace.close()
 
-    async def _release(self, permit: Permit, code: int | None = None, text: str = "") -> None:
+    async def _release(self, permit: Permit, code: int | None = None, text: str = "",
+                       stage: Stage | None = None) -> None:
         try:
-            await self.pace.release(permit, code, text)
+            await self.pace.release(permit, code, text, stage)
         except Exception as exc:  # the slot's lease expires on its own (pace.DEFAULT_LEASE)
             logger.warning("sending pace release failed: %s", type(exc).__name__)
 

@@ -12,13 +12,10 @@ import asyncio
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
-
 from tests.conftest import WorkerProcess, auth, base_env, wait_for
-from tests.services import RedisServer, redis_server_available, require
+from tests.services import RedisServer
 from tests.smtp_servers import Recorder, running_smtp_server
 
 
@@ -64,14 +61,6 @@ class PacedRelay(Recorder):
             self.arrivals.append((time.monotonic(), session.domain))
             self.open[session.domain] -= 1
         return status
-
-
-@pytest.fixture()
-def redis() -> Iterator[RedisServer]:
-    """A private Redis: only this test's workers and pace use it."""
-    require("redis-server", redis_server_available(), "redis-server is not installed")
-    with RedisServer() as server:
-        yield server
 
 
 def _accept(env: dict[str, str], addresses: list[str]) -> tuple[Any, list[str]]:

@@ -14,22 +14,11 @@ import socket
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
-
-import pytest
 
 from tests.conftest import ROOT, WorkerProcess, auth, base_env, unique_email, wait_for
 from tests.relays import PostfixRelay, running_postfix
-from tests.services import RedisServer, redis_server_available, require
-
-
-@pytest.fixture()
-def redis() -> Iterator[RedisServer]:
-    """A private Redis, so only this test's workers see its queue."""
-    require("redis-server", redis_server_available(), "redis-server is not installed")
-    with RedisServer() as server:
-        yield server
+from tests.services import RedisServer
 
 
 def _accept(env: dict[str, str], count: int, tag: str) -> tuple[Any, list[str]]:
