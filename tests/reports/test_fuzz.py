@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailer.reports import MAX_RECIPIENTS, Report, ReportKind, read_report
+from tests.mutations import mutated
 from tests.reports.corpus import load_cases
 
 SAMPLES = [case.raw() for case in load_cases() if case.raw()][:60]
@@ -49,29 +50,6 @@ FRAGMENTS = [
 ]
 
 
-@st.composite
-def mutated(draw: st.DrawFn) -> bytes:
-    """A corpus message with a few random byte-level edits."""
-    data = bytearray(draw(st.sampled_from(SAMPLES)))
-    for _ in range(draw(st.integers(1, 6))):
-        at = draw(st.integers(0, max(len(data) - 1, 0)))
-        edit = draw(st.sampled_from(["flip", "delete", "fragment", "copy", "truncate", "random"]))
-        if edit == "flip" and data:
-            data[at] ^= 1 << draw(st.integers(0, 7))
-        elif edit == "delete":
-            del data[at : at + draw(st.integers(1, 80))]
-        elif edit == "fragment":
-            data[at:at] = draw(st.sampled_from(FRAGMENTS))
-        elif edit == "copy":
-            start = draw(st.integers(0, max(len(data) - 1, 0)))
-            data[at:at] = data[start : start + draw(st.integers(1, 400))]
-        elif edit == "truncate":
-            del data[at:]
-        else:
-            data[at:at] = draw(st.binary(min_size=1, max_size=16))
-    return bytes(data)
-
-
 def assert_sane(report: Report) -> None:
     """A report's invariants, whatever the input."""
     assert isinstance(report, Report)
@@ -85,7 +63,7 @@ def assert_sane(report: Report) -> None:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(mutated())
+@given(mutated(SAMPLES, FRAGMENTS))
 def test_mutated_reports_never_raise(raw: bytes) -> None:
     """Given a mutated real report, then a sane Report comes back."""
     assert_sane(read_report(raw))

@@ -77,6 +77,16 @@ def test_plain_text_bounce_to_the_verp_address_bounces_and_suppresses(
     assert suppression_reasons(world.runtime, sent.email) == {"hard_bounce"}
 
 
+def report_rows(world: World, message_id: str) -> list[tuple[str, str]]:
+    """(result, event type) of each report recorded against ``message_id``."""
+    from mailer.store.schema import bounce_reports
+
+    with world.runtime.engine.connect() as conn:
+        rows = conn.execute(select(bounce_reports.c.result, bounce_reports.c.event_type)
+                            .where(bounce_reports.c.message_id == message_id)).all()
+    return [(r.result, r.event_type) for r in rows]
+
+
 def test_soft_bounce_does_not_suppress(
     world: World, keys: dict[str, str], smtp_server: Any
 ) -> None:
@@ -87,12 +97,7 @@ def test_soft_bounce_does_not_suppress(
     assert code == 250
     assert message_status(world.runtime, sent.row_id) == "sent"
     assert suppression_reasons(world.runtime, sent.email) == set()
-    from mailer.store.schema import bounce_reports
-
-    with world.runtime.engine.connect() as conn:
-        rows = conn.execute(select(bounce_reports.c.result, bounce_reports.c.event_type)
-                            .where(bounce_reports.c.message_id == sent.row_id)).all()
-    assert [tuple(r) for r in rows] == [("applied", "soft_bounce")]
+    assert report_rows(world, sent.row_id) == [("applied", "soft_bounce")]
 
 
 def test_auto_reply_to_the_verp_address_is_recorded_and_ignored(
@@ -105,12 +110,7 @@ def test_auto_reply_to_the_verp_address_is_recorded_and_ignored(
     assert code == 250
     assert message_status(world.runtime, sent.row_id) == "sent"
     assert suppression_reasons(world.runtime, sent.email) == set()
-    from mailer.store.schema import bounce_reports
-
-    with world.runtime.engine.connect() as conn:
-        rows = conn.execute(select(bounce_reports.c.result, bounce_reports.c.event_type)
-                            .where(bounce_reports.c.message_id == sent.row_id)).all()
-    assert [tuple(r) for r in rows] == [("ignored", "auto_reply")]
+    assert report_rows(world, sent.row_id) == [("ignored", "auto_reply")]
 
 
 def test_mailto_unsubscribe_revokes_the_topic(

@@ -51,6 +51,16 @@ async def send_all(transport: SmtpTransport, *envelopes: Envelope) -> list[SendR
         await transport.close()
 
 
+async def fault_then_clear(transport: SmtpTransport, relay: Recorder) -> list[SendResult]:
+    """Send one message into the relay's fault, clear the fault, send another; then close."""
+    try:
+        first = await transport.send(message(1))
+        relay.fault = None
+        return [first, await transport.send(message(2))]
+    finally:
+        await transport.close()
+
+
 class PipeliningRelay(Recorder):
     """A Recorder whose EHLO reply offers PIPELINING, with MAIL and DATA faults of its own."""
 
@@ -205,16 +215,8 @@ def test_a_refused_rcpt_is_a_refusal_of_that_recipient_with_its_code() -> None:
     with pipelining_relay(PipeliningRelay("5xx_rcpt_user_unknown")) as (host, port, relay):
         transport = SmtpTransport(host, port, pool_size=1)
 
-        async def scenario() -> list[SendResult]:
-            try:
-                first = await transport.send(message(1))
-                relay.fault = None
-                return [first, await transport.send(message(2))]
-            finally:
-                await transport.close()
-
         # When a message is sent, and then another once the relay knows the recipient
-        first, second = run(scenario())
+        first, second = run(fault_then_clear(transport, relay))
         # Then the first failed at RCPT as a user-unknown with the relay's code and text
         assert first.outcome is Outcome.FAILED and first.stage is Stage.RCPT
         assert (first.code, first.enhanced, first.is_user_unknown) == (550, "5.1.1", True)
@@ -315,16 +317,8 @@ def test_a_reply_lost_after_the_message_went_out_is_unknown(fault: str) -> None:
     with pipelining_relay(PipeliningRelay(fault, slow_seconds=5.0)) as (host, port, relay):
         transport = SmtpTransport(host, port, pool_size=1, timeout=0.5)
 
-        async def scenario() -> list[SendResult]:
-            try:
-                first = await transport.send(message(1))
-                relay.fault = None
-                return [first, await transport.send(message(2))]
-            finally:
-                await transport.close()
-
         # When a message is sent, and then another
-        first, second = run(scenario())
+        first, second = run(fault_then_clear(transport, relay))
         # Then the first is unknown (the relay may have it: it does), never failed
         assert (first.outcome, first.code, first.stage) == (Outcome.UNKNOWN, None, Stage.DATA)
         assert first.response in ("connection lost", "timed out waiting for the server")
@@ -469,15 +463,7 @@ def test_a_server_without_pipelining_gets_one_command_at_a_time(wire: list[bytes
     with running_smtp_server(fault="5xx_rcpt_user_unknown") as (host, port, relay):
         transport = SmtpTransport(host, port, pool_size=1)
 
-        async def scenario() -> list[SendResult]:
-            try:
-                first = await transport.send(message(1))
-                relay.fault = None
-                return [first, await transport.send(message(2))]
-            finally:
-                await transport.close()
-
-        first, second = run(scenario())
+        first, second = run(fault_then_clear(transport, relay))
         # Then the step-by-step path ran (no Link) with the same outcomes
         assert first.outcome is Outcome.FAILED and first.is_user_unknown
         assert second.outcome is Outcome.SENT and len(relay.messages) == 1

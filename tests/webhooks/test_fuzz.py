@@ -13,6 +13,7 @@ from mailer.reports.vocabulary import WebhookEvent
 from mailer.webhooks import dsn, handle, mailgun, postmark, sendgrid, ses
 from mailer.webhooks._support.config import WebhookConfig
 from mailer.webhooks._support.errors import ParseError, VerificationFailed
+from tests.mutations import mutated
 from tests.webhooks.conftest import NOW
 from tests.webhooks.signing import fixture_bytes, fixture_json
 
@@ -34,34 +35,11 @@ FRAGMENTS = [
 ]
 
 
-@st.composite
-def mutated_report(draw: st.DrawFn) -> bytes:
-    """A fixture report with a few random byte-level edits."""
-    data = bytearray(draw(st.sampled_from(REPORTS)))
-    for _ in range(draw(st.integers(1, 6))):
-        at = draw(st.integers(0, max(len(data) - 1, 0)))
-        edit = draw(st.sampled_from(["flip", "delete", "fragment", "copy", "truncate", "random"]))
-        if edit == "flip" and data:
-            data[at] ^= 1 << draw(st.integers(0, 7))
-        elif edit == "delete":
-            del data[at : at + draw(st.integers(1, 60))]
-        elif edit == "fragment":
-            data[at:at] = draw(st.sampled_from(FRAGMENTS))
-        elif edit == "copy":
-            start = draw(st.integers(0, max(len(data) - 1, 0)))
-            data[at:at] = data[start : start + draw(st.integers(1, 300))]
-        elif edit == "truncate":
-            del data[at:]
-        else:
-            data[at:at] = draw(st.binary(min_size=1, max_size=12))
-    return bytes(data)
-
-
 HEADERS = st.dictionaries(st.text(max_size=30), st.text(max_size=60), max_size=4)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(body=mutated_report(), headers=HEADERS)
+@given(body=mutated(REPORTS, FRAGMENTS, cut=60, copy=300, noise=12), headers=HEADERS)
 def test_mutated_reports_only_ever_raise_parse_error(body: bytes, headers: dict[str, str]) -> None:
     # Given a mutated DSN/ARF and random request headers
     # When it is parsed / Then it yields events or raises ParseError, never anything else
@@ -74,7 +52,7 @@ def test_mutated_reports_only_ever_raise_parse_error(body: bytes, headers: dict[
 
 @settings(max_examples=50, deadline=None)
 @given(
-    body=mutated_report(),
+    body=mutated(REPORTS, FRAGMENTS, cut=60, copy=300, noise=12),
     headers=HEADERS,
     token=st.one_of(st.just("the-right-token"), st.text(max_size=40)),
 )
