@@ -16,7 +16,6 @@ import os
 import pwd
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -24,7 +23,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.services import ServiceError, free_port, require
+from tests.services import ServiceError, free_port, require, stop_process, tail_of, user_exists
 
 #: Debian's Dovecot master and its IMAP service (package dovecot-imapd).
 DOVECOT = "/usr/sbin/dovecot"
@@ -43,9 +42,7 @@ def imap_available() -> tuple[bool, str]:
     if os.geteuid() != 0:
         return False, "dovecot's master must be started as root"
     for user in ("dovecot", "dovenull"):
-        try:
-            pwd.getpwnam(user)
-        except KeyError:
+        if not user_exists(user):
             return False, f"the {user} system user is missing"
     return True, ""
 
@@ -158,11 +155,7 @@ class ImapServer:
         """The end of Dovecot's log."""
         if self.directory is None:
             return "(no log)"
-        try:
-            text = (self.directory / "dovecot.log").read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+        return tail_of(self.directory / "dovecot.log", lines)
 
     def client(self) -> imaplib.IMAP4:
         """A logged-in imaplib client (the test's own view of the mailbox)."""
@@ -191,13 +184,7 @@ class ImapServer:
 
     def close(self) -> None:
         """Stop Dovecot by PID and remove the temp dir."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
-            try:
-                self._proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        stop_process(self._proc, STOP_TIMEOUT)
         self._proc = None
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)

@@ -29,7 +29,6 @@ import os
 import pwd
 import secrets
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -40,7 +39,16 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from tests.services import ContextService, ServiceError, free_port, pid_alive, require
+from tests.services import (
+    ContextService,
+    ServiceError,
+    free_port,
+    pid_alive,
+    require,
+    stop_process,
+    tail_of,
+    user_exists,
+)
 from tests.smtp_servers import ReceivedMessage, Recorder, running_smtp_server
 
 #: Debian's Postfix programs.
@@ -75,9 +83,7 @@ def dovecot_available() -> tuple[bool, str]:
     if not os.access(DOVECOT, os.X_OK):
         return False, "dovecot is not installed (apt-get install dovecot-core)"
     for user in ("dovecot", "dovenull"):
-        try:
-            pwd.getpwnam(user)
-        except KeyError:
+        if not user_exists(user):
             return False, f"the {user} system user is missing"
     return True, ""
 
@@ -423,7 +429,7 @@ class PostfixRelay(ContextService):
         deadline = time.monotonic() + DEFAULT_START_TIMEOUT
         while not socket_path.exists():
             if self._dovecot.poll() is not None or time.monotonic() > deadline:
-                log = _tail(home / "dovecot.log")
+                log = tail_of(home / "dovecot.log")
                 raise ServiceError(f"dovecot did not start ({self._dovecot.poll()}):\n{log}")
             time.sleep(0.02)
 
@@ -448,9 +454,9 @@ class PostfixRelay(ContextService):
 
     def close(self) -> None:
         """Stop Postfix and Dovecot by PID, stop the sink, remove the temp dir."""
-        _stop(self._master)
+        stop_process(self._master, DEFAULT_STOP_TIMEOUT)
         self._master = None
-        _stop(self._dovecot)
+        stop_process(self._dovecot, DEFAULT_STOP_TIMEOUT)
         self._dovecot = None
         self._stack.close()
         if self in _LIVE:
@@ -536,25 +542,6 @@ def _make_queue(directory: Path) -> None:
         made += 1
     if made < 3:
         raise ServiceError(f"{POSTFIX_FILES} lists no queue directories")
-
-
-def _stop(process: subprocess.Popen[bytes] | None) -> None:
-    """SIGTERM (the master passes it on to its children), then SIGKILL if it lingers."""
-    if process is None or process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(DEFAULT_STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 @contextmanager

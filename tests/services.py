@@ -14,9 +14,10 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Any, Protocol, Self
 
 import psycopg
 import pytest
@@ -94,7 +95,7 @@ def postgres_available() -> bool:
     if os.geteuid() != 0:
         return True
     return shutil.which("runuser") is not None and (
-        _user_exists(PG_SYSTEM_USER) or shutil.which("useradd") is not None
+        user_exists(PG_SYSTEM_USER) or shutil.which("useradd") is not None
     )
 
 
@@ -105,7 +106,8 @@ def chromium_path() -> str | None:
     return shutil.which("chromium")
 
 
-def _user_exists(name: str) -> bool:
+def user_exists(name: str) -> bool:
+    """Whether the system user ``name`` exists."""
     try:
         pwd.getpwnam(name)
     except KeyError:
@@ -138,7 +140,25 @@ def _wait_gone(pid: int, timeout: float) -> bool:
     return not pid_alive(pid)
 
 
-def _tail(path: Path, lines: int = 20) -> str:
+def stop_process(process: subprocess.Popen[Any] | None, timeout: float,
+                 kill: Callable[[], None] | None = None) -> None:
+    """SIGTERM ``process`` and wait up to ``timeout`` s for it; then ``kill`` (default:
+    SIGKILL the process itself and reap it). Nothing when it is absent or gone."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        if kill is not None:
+            kill()
+        else:
+            process.kill()
+            process.wait()
+
+
+def tail_of(path: Path, lines: int = 20) -> str:
+    """The last ``lines`` lines of a log file, for failure messages."""
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
@@ -237,13 +257,14 @@ class RedisServer(ContextService):
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 code = self._process.returncode
-                raise ServiceError(f"redis-server exited with {code}:\n{_tail(self.log_path)}")
+                raise ServiceError(f"redis-server exited with {code}:\n{tail_of(self.log_path)}")
             if self._answers_ping():
                 return
             time.sleep(0.02)
         self.kill()
         limit = DEFAULT_START_TIMEOUT
-        raise ServiceError(f"redis-server did not answer within {limit} s:\n{_tail(self.log_path)}")
+        raise ServiceError(
+            f"redis-server did not answer within {limit} s:\n{tail_of(self.log_path)}")
 
     def _answers_ping(self) -> bool:
         # While the AOF is replayed Redis answers "-LOADING", so only "+PONG" means ready.
@@ -256,16 +277,7 @@ class RedisServer(ContextService):
 
     def stop(self) -> None:
         """Stop the server with SIGTERM (it flushes the AOF), falling back to SIGKILL."""
-        process = self._process
-        if process is None:
-            return
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(DEFAULT_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(self._process, DEFAULT_STOP_TIMEOUT)
         self._process = None
 
     def kill(self) -> None:
@@ -364,7 +376,7 @@ class PostgresServer(ContextService):
         if result.returncode != 0:
             raise ServiceError(
                 f"{Path(args[0]).name} failed ({result.returncode}): "
-                f"{result.stdout}{result.stderr}\n{_tail(self.log_path)}"
+                f"{result.stdout}{result.stderr}\n{tail_of(self.log_path)}"
             )
 
     def start(self) -> PostgresServer:
@@ -486,7 +498,7 @@ def _check_database_name(name: str) -> None:
 
 
 def _ensure_system_user(name: str) -> None:
-    if _user_exists(name):
+    if user_exists(name):
         return
     result = subprocess.run(
         ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
@@ -495,7 +507,7 @@ def _ensure_system_user(name: str) -> None:
         check=False,
     )
     # A parallel test process may have created the user between the check and useradd.
-    if result.returncode != 0 and not _user_exists(name):
+    if result.returncode != 0 and not user_exists(name):
         raise ServiceError(f"useradd {name} failed: {result.stderr.strip()}")
 
 
@@ -619,14 +631,14 @@ class RabbitMQServer(ContextService):
             if self._process.poll() is not None:
                 code = self._process.returncode
                 raise ServiceError(f"rabbitmq-server exited with {code}:\n"
-                                   f"{_tail(self.directory / 'server.out')}\n"
-                                   f"{_tail(self.log_path)}")
+                                   f"{tail_of(self.directory / 'server.out')}\n"
+                                   f"{tail_of(self.log_path)}")
             if self._answers_amqp():
                 return
             time.sleep(0.1)
         self.kill()
         raise ServiceError(f"rabbitmq-server did not answer within {RABBITMQ_START_TIMEOUT} s:"
-                           f"\n{_tail(self.log_path)}")
+                           f"\n{tail_of(self.log_path)}")
 
     def _answers_amqp(self) -> bool:
         # The server answers a protocol header with a Connection.Start method frame
@@ -647,15 +659,7 @@ class RabbitMQServer(ContextService):
 
     def stop(self) -> None:
         """Stop the server gracefully (SIGTERM: the script stops the node), else kill it."""
-        process = self._process
-        if process is None:
-            return
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(RABBITMQ_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_process(self._process, RABBITMQ_STOP_TIMEOUT, self.kill)
         self._process = None
 
     def kill(self) -> None:
