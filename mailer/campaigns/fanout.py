@@ -27,7 +27,6 @@ from mailer.campaigns.audience import (
     decide_batch,
 )
 from mailer.campaigns.lifecycle import CampaignStatus
-from mailer.mail.stored import template_variables
 from mailer.mail.templates import Template
 from mailer.runtime import Runtime
 from mailer.store.outbox import insert_messages
@@ -140,7 +139,7 @@ def _message_rows(
     rt: Runtime, c: Row[Any], template: Template, rows: Sequence[Row[Any]],
     decisions: Sequence[Decision], now: datetime,
 ) -> list[dict[str, Any]]:
-    variables = template_variables(rt.catalogue, template)
+    variables = template.variables
     needs_name = "name" in template.required and "name" not in (c.data or {})
     out = []
     for row, decision in zip(rows, decisions, strict=True):

@@ -24,11 +24,8 @@ from __future__ import annotations
 import re
 import threading
 import time
-import tomllib
 from collections.abc import Mapping
 from datetime import datetime
-from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from jinja2 import TemplateError as JinjaError
@@ -39,7 +36,7 @@ from mailer.errors import TemplateError, ValidationFailed
 from mailer.mail.checks import Tally, check_part
 from mailer.mail.locales import normalise
 from mailer.mail.sandbox import render_part, start_render
-from mailer.mail.templates import Catalogue, Rendered, Template, variables_of
+from mailer.mail.templates import Rendered, Template
 from mailer.mail.text import html_to_text
 from mailer.store.schema import marketing_templates
 from suppression.policy import Category
@@ -215,25 +212,4 @@ class StoredTemplates:
         with self._lock:
             self._cache[name] = (now, found)
         return found
-
-
-@lru_cache(maxsize=256)
-def _file_variables(folder: Path, name: str) -> frozenset[str]:
-    source = folder / name
-    with (source / "template.toml").open("rb") as fh:
-        parts = [tomllib.load(fh)["subject"]]
-    for body in ("body.html", "body.txt"):
-        if (source / body).exists():
-            parts.append((source / body).read_text(encoding="utf-8"))
-    return frozenset(variables_of(*parts))
-
-
-def template_variables(catalogue: Catalogue, template: Template) -> frozenset[str] | None:
-    """The variable names a template reads, or None when they cannot be known."""
-    if isinstance(template, StoredTemplate):
-        return template.variables
-    try:
-        return _file_variables(catalogue.folder, template.name)
-    except (OSError, KeyError, JinjaError, tomllib.TOMLDecodeError):
-        return None
 

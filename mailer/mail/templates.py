@@ -163,12 +163,16 @@ class Template:
         return Rendered(subject=subject, html=html, text=text)
 
     @cached_property
+    def variables(self) -> frozenset[str]:
+        """The names this version reads (jinja2.meta), worked out on first use."""
+        return frozenset(variables_of(*self._sources)) - {LANGUAGE_VARIABLE}
+
+    @cached_property
     def _reuse_plan(self) -> tuple[frozenset[str], frozenset[str]] | None:
         """What :meth:`render_reused` needs, worked out on first use: the names this
         version only inserts bare and the names it reads (``None``: never reuse)."""
         plain = plain_outputs(_HTML_ENV, *self._sources)
-        read = frozenset(variables_of(*self._sources)) - {LANGUAGE_VARIABLE}
-        return (plain, read) if plain is not None else None
+        return (plain, self.variables) if plain is not None else None
 
     def render_reused(self, data: Mapping[str, Any], cache: StencilCache, *,
                       language: str | None = None, common: Collection[str] = ()

@@ -22,7 +22,6 @@ from mailer.inbound.addresses import InboundAddresses
 from mailer.mail.locales import requested, translated
 from mailer.mail.mime import Envelope, MessageBuilder
 from mailer.mail.stencil import StencilCache
-from mailer.mail.stored import template_variables
 from mailer.mail.templates import Rendered
 from mailer.runtime import Runtime
 from mailer.sending.compliance import (
@@ -301,7 +300,7 @@ class Dispatcher:
             common = frozenset(shared.get(row.campaign_id, {})) - set(data)
             data = {**shared.get(row.campaign_id, {}), **data}
         if row.recipient_id is not None and "preferences_url" not in data and \
-                "preferences_url" in (template_variables(self.rt.catalogue, chosen) or ()):
+                "preferences_url" in chosen.variables:
             # Any template may offer the person their preference centre (the policy_update
             # notice must: SPEC 14), bound to the address this mail goes to (SPEC 3).
             token = self.rt.signer.sign("p", row.recipient_id, email_hash=row.to_hash)
