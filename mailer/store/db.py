@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -22,6 +24,29 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+#: Connection option marking a transaction that writes: on SQLite it begins IMMEDIATE.
+WRITES = "mailer_writes"
+
+
+class _SqliteEngine(Engine):
+    """``begin()`` writes and takes SQLite's write lock at BEGIN; ``connect()`` reads.
+
+    A transaction that reads before it writes (every compare-and-set here) must hold the
+    write lock from its start: in WAL mode, upgrading a read snapshot that another writer
+    has since moved past fails at once with SQLITE_BUSY, without waiting. A read-only
+    connection (``connect()``, never committed) begins DEFERRED instead, so it reads its
+    snapshot alongside a writer rather than queueing behind every write transaction.
+    """
+
+    @contextlib.contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """A connection in a write transaction, committed at the end (as ``Engine.begin``)."""
+        with self.connect() as conn:
+            conn.execution_options(**{WRITES: True})
+            with conn.begin():
+                yield conn
+
+
 def make_engine(url: str, pool_size: int | None = None) -> Engine:
     """Create an engine for ``url``, creating the SQLite file's folder when needed.
 
@@ -34,15 +59,19 @@ def make_engine(url: str, pool_size: int | None = None) -> Engine:
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
-        # pysqlite's own BEGIN handling defers locks; take the write lock at BEGIN so
-        # compare-and-set transactions never hit "database is locked" on upgrade.
+        # pysqlite's own BEGIN handling defers locks: we BEGIN ourselves, IMMEDIATE for
+        # write transactions so compare-and-set never hits "database is locked" on
+        # upgrade, DEFERRED for reads (_SqliteEngine).
         @event.listens_for(engine, "connect")
         def _no_auto_begin(dbapi_connection: Any, _record: Any) -> None:
             dbapi_connection.isolation_level = None
 
         @event.listens_for(engine, "begin")
-        def _begin_immediate(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        def _begin(conn: Connection) -> None:
+            writes = conn.get_execution_options().get(WRITES, False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if writes else "BEGIN")
+
+        engine.__class__ = _SqliteEngine
 
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":

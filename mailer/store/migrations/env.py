@@ -13,7 +13,8 @@ if not url:
     raise RuntimeError("no database URL given to the migrations")
 
 engine = make_engine(url)
-with engine.connect() as connection:
+# A write transaction (on SQLite: BEGIN IMMEDIATE), which Alembic runs the migrations in.
+with engine.begin() as connection:
     context.configure(
         connection=connection,
         target_metadata=metadata,

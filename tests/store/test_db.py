@@ -1,0 +1,110 @@
+"""SQLite transactions: writes take the write lock at BEGIN, reads never queue behind it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import Connection, Engine, event, insert, select, text
+
+from mailer.store.db import make_engine, upgrade
+from mailer.store.schema import topics
+
+NOW = datetime(2026, 11, 29, tzinfo=UTC)
+#: The topics these tests add (the migrations seed others).
+OURS = topics.c.name.startswith("t-")
+
+
+def _engine_with_log(path: Path) -> tuple[Engine, list[str]]:
+    url = f"sqlite:///{path / 'mailer.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    statements: list[str] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _log(_conn: Connection, _cursor: object, statement: str, *_args: object) -> None:
+        statements.append(statement)
+
+    return engine, statements
+
+
+def test_write_transactions_begin_immediate_and_reads_begin_deferred(tmp_path: Path) -> None:
+    # Given an engine on a migrated SQLite file
+    engine, statements = _engine_with_log(tmp_path)
+    # When one block writes and another only reads
+    with engine.begin() as conn:
+        conn.execute(insert(topics).values(name="t-news", title="News", created_at=NOW))
+    with engine.connect() as conn:
+        names = conn.execute(select(topics.c.name).where(OURS)).scalars().all()
+    # Then the write began IMMEDIATE, the read a plain (deferred) BEGIN, and both worked
+    begins = [s for s in statements if s.startswith("BEGIN")]
+    assert begins == ["BEGIN IMMEDIATE", "BEGIN"]
+    assert names == ["t-news"]
+
+
+def test_an_open_read_does_not_hold_up_a_writer(tmp_path: Path) -> None:
+    # Given a reader in the middle of a transaction (its snapshot taken)
+    engine, _ = _engine_with_log(tmp_path)
+    with engine.connect() as reader:
+        assert reader.execute(select(topics.c.name).where(OURS)).scalars().all() == []
+        # When a writer on another connection inserts and commits
+        done = threading.Event()
+
+        def write() -> None:
+            with engine.begin() as conn:
+                conn.execute(insert(topics).values(name="t-news", title="News", created_at=NOW))
+            done.set()
+
+        writer = threading.Thread(target=write)
+        started = time.monotonic()
+        writer.start()
+        # Then it commits at once (were the read holding the write lock, it would wait
+        # out the 30 s busy timeout), and the reader keeps its own snapshot
+        assert done.wait(timeout=5), "the writer waited for a read-only transaction"
+        writer.join(timeout=5)
+        assert time.monotonic() - started < 5
+        assert reader.execute(select(topics.c.name).where(OURS)).scalars().all() == []
+    with engine.connect() as fresh:
+        assert fresh.execute(select(topics.c.name).where(OURS)).scalars().all() == ["t-news"]
+
+
+def test_write_transactions_wait_for_each_other_from_begin(tmp_path: Path) -> None:
+    # Given a write transaction that has read but not yet written
+    engine, _ = _engine_with_log(tmp_path)
+    order: list[str] = []
+    first_in = threading.Event()
+    release = threading.Event()
+
+    def first() -> None:
+        with engine.begin() as conn:
+            conn.execute(text("SELECT count(*) FROM topics WHERE name LIKE 't-%'")).scalar_one()
+            first_in.set()
+            release.wait(timeout=10)
+            conn.execute(insert(topics).values(name="t-a", title="A", created_at=NOW))
+            order.append("first committed")
+
+    def second() -> None:
+        with engine.begin() as conn:
+            order.append("second began")
+            count = conn.execute(
+                text("SELECT count(*) FROM topics WHERE name LIKE 't-%'")).scalar_one()
+            conn.execute(insert(topics).values(name=f"t-b{count}", title="B", created_at=NOW))
+
+    one = threading.Thread(target=first)
+    one.start()
+    assert first_in.wait(timeout=10)
+    # When a second writer begins meanwhile
+    two = threading.Thread(target=second)
+    two.start()
+    time.sleep(0.3)
+    assert order == []  # it is still waiting at its BEGIN
+    release.set()
+    one.join(timeout=10)
+    two.join(timeout=10)
+    # Then it began only after the first committed, and read the first one's row: no
+    # lost update, no "database is locked"
+    assert order == ["first committed", "second began"]
+    with engine.connect() as conn:
+        assert sorted(conn.execute(select(topics.c.name).where(OURS)).scalars()) == ["t-a", "t-b1"]
