@@ -76,11 +76,16 @@ def fan_out_batch(rt: Runtime, campaign_id: str, batch: int = DEFAULT_BATCH) -> 
     now = rt.clock()
     with rt.engine.connect() as conn:
         name = model.get(conn, campaign_id).template
-    # Looked up before the write transaction: a stored template is read on a connection
-    # of its own, which on SQLite would wait for our write lock.
+    # Looked up before any transaction: a stored template is read on a connection of its
+    # own.
     template = rt.catalogue.get(name)
-    queued: list[str] = []
-    with rt.engine.begin() as conn:
+    # Read and decide on a read-only snapshot, then write in a short transaction guarded
+    # by the cursor: on SQLite the write lock is one for the whole database, and holding
+    # it through the audience query and the policy would hold up every worker and the
+    # API for the whole batch. The guard makes the snapshot safe to act on: the batch is
+    # written only if the cursor has not moved since (no other batch was written, so the
+    # per-address check still holds) and the campaign still runs.
+    with rt.engine.connect() as conn:
         c = model.get(conn, campaign_id)
         if c.status != CampaignStatus.RUNNING or c.fanned_out_at is not None:
             return BatchResult(stopped=True)
@@ -89,23 +94,26 @@ def fan_out_batch(rt: Runtime, campaign_id: str, batch: int = DEFAULT_BATCH) -> 
         flt = AudienceFilter.parse(c.audience)
         rows, cursor = audience_batch(conn, flt, c.last_recipient_id, c.max_recipient_id or 0,
                                        batch_size(c.rate_per_minute, batch))
-        guard = and_(campaigns.c.id == campaign_id, campaigns.c.status == CampaignStatus.RUNNING,
-                     campaigns.c.last_recipient_id == c.last_recipient_id)
-        if not rows:
-            # The snapshot is exhausted: the exact audience is what was written.
-            conn.execute(update(campaigns).where(guard).values(
+        if rows:
+            rows = _first_per_address(conn, campaign_id, rows)
+            topic = campaign_topic(conn, c.topic)
+            decisions = decide_batch(rt, conn, topic, rows, now, Category(c.category))
+    guard = and_(campaigns.c.id == campaign_id, campaigns.c.status == CampaignStatus.RUNNING,
+                 campaigns.c.last_recipient_id == c.last_recipient_id)
+    if not rows:
+        # The snapshot is exhausted: the exact audience is what was written.
+        with rt.engine.begin() as conn:
+            done = conn.execute(update(campaigns).where(guard).values(
                 last_recipient_id=cursor, fanned_out_at=now, audience_count=c.written,
                 updated_at=now))
-            return BatchResult(done=True)
-        rows = _first_per_address(conn, campaign_id, rows)
-        topic = campaign_topic(conn, c.topic)
-        decisions = decide_batch(rt, conn, topic, rows, now, Category(c.category))
-        message_rows = _message_rows(rt, c, template, rows, decisions, now)
-        queued = [m["id"] for m in message_rows if m["status"] == MessageStatus.QUEUED]
-        pause_for = timedelta(0)
-        if c.rate_per_minute:
-            # Pace by messages that will be sent; suppressed ones cost the relay nothing.
-            pause_for = timedelta(seconds=len(queued) * 60 / c.rate_per_minute)
+        return BatchResult(done=True) if done.rowcount else BatchResult(stopped=True)
+    message_rows = _message_rows(rt, c, template, rows, decisions, now)
+    queued = [m["id"] for m in message_rows if m["status"] == MessageStatus.QUEUED]
+    pause_for = timedelta(0)
+    if c.rate_per_minute:
+        # Pace by messages that will be sent; suppressed ones cost the relay nothing.
+        pause_for = timedelta(seconds=len(queued) * 60 / c.rate_per_minute)
+    with rt.engine.begin() as conn:
         # Compare-and-set first: on PostgreSQL this also locks the campaign row, so a
         # pause either waits for this batch and then holds it, or wins and refuses it.
         moved = conn.execute(update(campaigns).where(guard).values(

@@ -124,11 +124,16 @@ class Dispatcher:
         settings = self.rt.settings
         report = Report()
         now = self.rt.clock()
+        # The claim is its own short write transaction; what the decision reads comes
+        # after it, from a read-only snapshot. On SQLite the write lock is one for the
+        # whole database, so every read done while holding it holds up the API, the
+        # scheduler and the other workers. The claimed rows are ours by their lease.
         with self.rt.engine.begin() as conn:
             rows = claim(conn, ids, now, settings.send_lease)
-            report.claimed = len(rows)
-            if not rows:
-                return report
+        report.claimed = len(rows)
+        if not rows:
+            return report
+        with self.rt.engine.connect() as conn:
             names = sorted({r.topic for r in rows if r.topic})
             topic_info: dict[str, Any] = {
                 t.name: t
@@ -150,37 +155,39 @@ class Dispatcher:
                 for r in rows
             ]
             states = load_states(conn, targets, now, settings.service_alert_window)
-            limits = Limits(settings.service_alert_limit, settings.service_alert_window)
-            early: list[Outcome] = []
-            to_send: list[Row[Any]] = []
-            for row, target in zip(rows, targets, strict=True):
-                stop = campaign[row.campaign_id].stop() if row.campaign_id in campaign else None
-                if stop is not None:
-                    # Paused or cancelled since it was queued: held or cancelled, not sent.
-                    early.append(Outcome(row.id, stop[0], reason=stop[1]))
-                    continue
-                if row.attempts > settings.max_attempts:
-                    # Our own counter: a SIGKILLed worker skips dramatiq's retry counting,
-                    # so a message that kills its worker would otherwise loop forever.
-                    early.append(Outcome(row.id, MessageStatus.FAILED, reason="too_many_attempts"))
-                    continue
-                info = topic_info.get(row.topic) if row.topic else None
-                topic = Topic(row.topic, bool(info.third_party)) if info is not None else None
-                promo = target.category is Category.PROMOTION
-                if promo and (topic is None or row.recipient_id is None):
-                    early.append(Outcome(row.id, MessageStatus.SUPPRESSED, reason="no_consent"))
-                    continue
-                if promo and not has_postal_address(settings.postal_address):
-                    early.append(Outcome(row.id, MessageStatus.FAILED,
-                                         reason=POSTAL_ADDRESS_MISSING))
-                    continue
-                decision = decide(target.category, topic, states[row.id], now, limits)
-                if not decision.allowed:
-                    reason = decision.reason.value if decision.reason else None
-                    early.append(Outcome(row.id, MessageStatus.SUPPRESSED, reason=reason))
-                    continue
-                to_send.append(row)
-            finish(conn, early, now)
+        limits = Limits(settings.service_alert_limit, settings.service_alert_window)
+        early: list[Outcome] = []
+        to_send: list[Row[Any]] = []
+        for row, target in zip(rows, targets, strict=True):
+            stop = campaign[row.campaign_id].stop() if row.campaign_id in campaign else None
+            if stop is not None:
+                # Paused or cancelled since it was queued: held or cancelled, not sent.
+                early.append(Outcome(row.id, stop[0], reason=stop[1]))
+                continue
+            if row.attempts > settings.max_attempts:
+                # Our own counter: a SIGKILLed worker skips dramatiq's retry counting,
+                # so a message that kills its worker would otherwise loop forever.
+                early.append(Outcome(row.id, MessageStatus.FAILED, reason="too_many_attempts"))
+                continue
+            info = topic_info.get(row.topic) if row.topic else None
+            topic = Topic(row.topic, bool(info.third_party)) if info is not None else None
+            promo = target.category is Category.PROMOTION
+            if promo and (topic is None or row.recipient_id is None):
+                early.append(Outcome(row.id, MessageStatus.SUPPRESSED, reason="no_consent"))
+                continue
+            if promo and not has_postal_address(settings.postal_address):
+                early.append(Outcome(row.id, MessageStatus.FAILED,
+                                     reason=POSTAL_ADDRESS_MISSING))
+                continue
+            decision = decide(target.category, topic, states[row.id], now, limits)
+            if not decision.allowed:
+                reason = decision.reason.value if decision.reason else None
+                early.append(Outcome(row.id, MessageStatus.SUPPRESSED, reason=reason))
+                continue
+            to_send.append(row)
+        if early:
+            with self.rt.engine.begin() as conn:
+                finish(conn, early, now)
         report.suppressed = sum(1 for o in early if o.status == MessageStatus.SUPPRESSED)
         for o in early:
             report.outcomes[o.status] = report.outcomes.get(o.status, 0) + 1
