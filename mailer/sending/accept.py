@@ -195,51 +195,66 @@ class Acceptor:
         self, key: ApiKey, prepared: list[_Prepared], outcomes: dict[int, AcceptResult]
     ) -> list[str]:
         now = self.rt.clock()
-        with self.rt.engine.begin() as conn:
+        # Read and decide on a read-only snapshot, then write in a short transaction: on
+        # SQLite the write lock is one for the whole database, and holding it while 500
+        # requests are looked up and decided holds up every worker. What the snapshot
+        # cannot see is caught at the write: an idempotency key stored meanwhile fails
+        # the insert (IntegrityError), and the caller's next pass replays it.
+        with self.rt.engine.connect() as conn:
             fresh = self._replay_idempotent(conn, key, prepared, outcomes, now)
             third_party = self._topics(conn, fresh, outcomes)
             fresh = [p for p in fresh if p.topic is None or p.topic in third_party]
             fresh = self._resolve_recipients(conn, fresh, outcomes)
             decisions = self._decide(conn, fresh, now, third_party)
-            rows: list[dict[str, Any]] = []
-            idem_rows: list[dict[str, Any]] = []
-            queued: list[str] = []
-            for p, decision in zip(fresh, decisions, strict=True):
-                row_id, message_id = self.rt.new_message_id()
-                req = p.request
-                if not decision.allowed:
-                    status = MessageStatus.SUPPRESSED
-                elif req.send_at is not None and req.send_at > now:
-                    status = MessageStatus.SCHEDULED
-                else:
-                    status = MessageStatus.QUEUED
-                    queued.append(row_id)
-                # An erased person's address is not written down again, not even on the
-                # row that records why we did not send to it.
-                erased = decision.reason is Reason.ERASED
-                rows.append({
-                    "id": row_id, "api_key_id": key.id, "category": p.category.value,
-                    "template": p.template.name, "topic": p.topic,
-                    "recipient_id": p.recipient_id,
-                    "to_email": None if erased else p.email,
-                    # SPEC 6: the To carries the name when known; the profile's, unless the
-                    # caller named the person (the profile holds this very address).
-                    "to_name": None if erased else (req.name or p.profile_name),
-                    "to_hash": p.to_hash, "data": None if erased else dict(req.data),
-                    "status": status,
-                    "reason": decision.reason.value if decision.reason else None,
-                    "attempts": 0, "message_id_header": message_id, "created_at": now,
-                    "updated_at": now, "send_at": req.send_at,
-                    "locale": normalise_locale(req.locale),
+        rows: list[dict[str, Any]] = []
+        idem_rows: list[dict[str, Any]] = []
+        queued: list[str] = []
+        for p, decision in zip(fresh, decisions, strict=True):
+            row_id, message_id = self.rt.new_message_id()
+            req = p.request
+            if not decision.allowed:
+                status = MessageStatus.SUPPRESSED
+            elif req.send_at is not None and req.send_at > now:
+                status = MessageStatus.SCHEDULED
+            else:
+                status = MessageStatus.QUEUED
+                queued.append(row_id)
+            # An erased person's address is not written down again, not even on the
+            # row that records why we did not send to it.
+            erased = decision.reason is Reason.ERASED
+            rows.append({
+                "id": row_id, "api_key_id": key.id, "category": p.category.value,
+                "template": p.template.name, "topic": p.topic,
+                "recipient_id": p.recipient_id,
+                "to_email": None if erased else p.email,
+                # SPEC 6: the To carries the name when known; the profile's, unless the
+                # caller named the person (the profile holds this very address).
+                "to_name": None if erased else (req.name or p.profile_name),
+                "to_hash": p.to_hash, "data": None if erased else dict(req.data),
+                "status": status,
+                "reason": decision.reason.value if decision.reason else None,
+                "attempts": 0, "message_id_header": message_id, "created_at": now,
+                "updated_at": now, "send_at": req.send_at,
+                "locale": normalise_locale(req.locale),
+            })
+            result = Accepted(row_id, status, p.category, decision.reason)
+            outcomes[p.index] = result
+            if req.idempotency_key:
+                idem_rows.append({
+                    "api_key_id": key.id, "key": req.idempotency_key,
+                    "request_hash": req.fingerprint(), "status_code": 202,
+                    "response": result.as_json(), "created_at": now,
                 })
-                result = Accepted(row_id, status, p.category, decision.reason)
-                outcomes[p.index] = result
-                if req.idempotency_key:
-                    idem_rows.append({
-                        "api_key_id": key.id, "key": req.idempotency_key,
-                        "request_hash": req.fingerprint(), "status_code": 202,
-                        "response": result.as_json(), "created_at": now,
-                    })
+        if not rows:
+            return queued  # every request was refused or replayed: nothing to write
+        with self.rt.engine.begin() as conn:
+            if idem_rows:
+                # Keys past their lifetime were read as unused: their names are free again.
+                conn.execute(delete(idempotency_keys).where(
+                    idempotency_keys.c.api_key_id == key.id,
+                    idempotency_keys.c.key.in_(sorted(r["key"] for r in idem_rows)),
+                    idempotency_keys.c.created_at < now - IDEMPOTENCY_TTL,
+                ))
             insert_messages(conn, rows, now)
             if idem_rows:
                 conn.execute(insert(idempotency_keys), idem_rows)
@@ -258,18 +273,13 @@ class Acceptor:
         if not keyed:
             return prepared
         names = sorted({p.request.idempotency_key for p in keyed if p.request.idempotency_key})
-        conn.execute(
-            delete(idempotency_keys).where(
-                idempotency_keys.c.api_key_id == key.id,
-                idempotency_keys.c.key.in_(names),
-                idempotency_keys.c.created_at < now - IDEMPOTENCY_TTL,
-            )
-        )
+        # A key past its lifetime counts as unused (the write removes it before reuse).
         stored = {
             row.key: row
             for row in conn.execute(
                 select(idempotency_keys).where(
-                    idempotency_keys.c.api_key_id == key.id, idempotency_keys.c.key.in_(names)
+                    idempotency_keys.c.api_key_id == key.id, idempotency_keys.c.key.in_(names),
+                    idempotency_keys.c.created_at >= now - IDEMPOTENCY_TTL,
                 )
             )
         }
