@@ -55,6 +55,9 @@ PROCFILE = ROOT / "Procfile"
 PROCESSES = ("web", "worker", "scheduler")
 #: Messages per request in the latency phase (an application sending as its events occur).
 LATENCY_BATCH = 10
+#: Concurrent senders in the latency phase: each waits for its 202 before its next batch,
+#: so two could not offer more than 2 x 10 messages per request time (about 330 msg/s).
+LATENCY_LANES = 8
 #: Share of phase 1's rate offered in the latency phase.
 LATENCY_LOAD = 0.5
 
@@ -169,7 +172,7 @@ def _marketing_key(db_url: str) -> str:
 
 def _paced(base: str, key: str, label: str, count: int, rate: float,
            ) -> tuple[dict[str, tuple[float, float]], float]:
-    """Offer ``count`` messages at ``rate``/s in small batches from two threads.
+    """Offer ``count`` messages at ``rate``/s in small batches from several threads.
 
     Returns the request and 202 times of each queued message by address, and the rate
     achieved.
@@ -185,7 +188,7 @@ def _paced(base: str, key: str, label: str, count: int, rate: float,
     def sender(lane: int) -> None:
         headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
         with httpx.Client(base_url=base, timeout=120.0) as http:
-            for number in range(lane, len(batches), 2):
+            for number in range(lane, len(batches), LATENCY_LANES):
                 delay = began + number * interval - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
@@ -204,7 +207,7 @@ def _paced(base: str, key: str, label: str, count: int, rate: float,
                         if result.get("status") == "queued":
                             accepted[item["to"]] = (sent, done)
 
-    threads = [threading.Thread(target=sender, args=(lane,)) for lane in range(2)]
+    threads = [threading.Thread(target=sender, args=(lane,)) for lane in range(LATENCY_LANES)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -340,7 +343,8 @@ def _run(cfg: Config, sink_kind: str, index: int, work: Path, db_url: str,
                    cfg.timeout)
         results.append(Measurement(
             "deployment: 50 % load", sink_kind, len(accepted), latency_count / offered, cpu,
-            rss, note=f"batches of {LATENCY_BATCH}, {rate:,.0f} msg/s asked",
+            rss, note=f"batches of {LATENCY_BATCH} from {LATENCY_LANES} clients, "
+                      f"{rate:,.0f} msg/s asked",
             background=window.background,
             latency={"p50_ms": percentile(waited, 0.50), "p99_ms": percentile(waited, 0.99),
                      "mean_ms": statistics.fmean(waited), "offered": rate,
