@@ -231,8 +231,9 @@ def eligibility(rt: Runtime, campaign: Row[Any], batch: int = DEFAULT_BATCH) -> 
     category = Category(campaign.category)
     after = 0
     while True:
-        # A connection per batch: on SQLite every transaction holds the write lock, and
-        # a preview of a large audience must not stall the workers for its whole length.
+        # A connection per batch: one read snapshot held through the preview of a large
+        # audience would keep SQLite from checkpointing its WAL (and PostgreSQL from
+        # vacuuming) for its whole length.
         with rt.engine.connect() as conn:
             rows, after = audience_batch(conn, flt, after, upto, batch, first_of_address=True)
             if not rows:
