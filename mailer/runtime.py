@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import secrets
 import signal
 import threading
-import uuid
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -96,11 +97,23 @@ class Runtime:
 
     def new_message_id(self) -> tuple[str, str]:
         """A row id and a separate unguessable RFC 5322 Message-ID, fixed at acceptance."""
-        return uuid.uuid4().hex, f"<{uuid.uuid4().hex}@{self.mail_domain}>"
+        return new_message_ids(self.mail_domain)
 
     def url(self, path: str) -> str:
         """An absolute link to one of our public pages."""
         return f"{self.settings.public_url}{path}"
+
+
+def new_message_ids(mail_domain: str) -> tuple[str, str]:
+    """A row id (32 hex digits) and a Message-ID, both led by the time in milliseconds.
+
+    The rest is random: 80 bits in the id, 128 in the Message-ID, which stays unguessable.
+    Rows written together then sit side by side in the primary-key and Message-ID indexes
+    instead of on random pages; with fully random ids, every insert into a table of
+    millions of rows touches pages of those indexes that are no longer cached.
+    """
+    stamp = f"{time.time_ns() // 1_000_000:012x}"
+    return stamp + secrets.token_hex(10), f"<{stamp}{secrets.token_hex(16)}@{mail_domain}>"
 
 
 def stop_on_signals(stop: threading.Event | None = None) -> threading.Event:

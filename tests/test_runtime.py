@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import re
+import time
 from typing import Any
 
 from mailer.config import Settings
@@ -35,3 +38,23 @@ def test_message_ids_are_unique_and_unguessable(runtime: Any) -> None:
     row_id, header = next(iter(ids))
     assert header.startswith("<") and header.endswith("@example.test>")
     assert row_id not in header  # the public Message-ID does not reveal the row id
+
+
+def test_ids_sort_by_creation_time_and_keep_their_random_part(runtime: Any) -> None:
+    # Given ids made in three rounds a few milliseconds apart
+    rounds = []
+    for _ in range(3):
+        rounds.append([runtime.new_message_id() for _ in range(50)])
+        time.sleep(0.003)
+    # Then every row id is 32 lowercase hex digits, as before (String(32), VERP tokens)
+    ids = [row_id for batch in rounds for row_id, _ in batch]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", row_id) for row_id in ids)
+    # And ids of a later round sort after those of an earlier one, for the indexes
+    for earlier, later in itertools.pairwise(rounds):
+        assert max(r for r, _ in earlier) < min(r for r, _ in later)
+    # And within a round (one millisecond, often) the random tails still differ
+    assert len({row_id[12:] for row_id in ids}) == len(ids)
+    # And each Message-ID carries 128 random bits after the same time prefix
+    for row_id, header in rounds[0]:
+        match = re.fullmatch(r"<([0-9a-f]{12})([0-9a-f]{32})@example\.test>", header)
+        assert match is not None and match.group(1) == row_id[:12]
