@@ -5,11 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, insert, inspect, text
+from sqlalchemy.exc import IntegrityError
 
 from mailer.store.db import MIGRATIONS_DIR, make_engine, upgrade
 from mailer.store.listing import MessageFilter, list_messages
@@ -85,3 +87,62 @@ def test_a_page_of_the_newest_messages_reads_the_index_not_the_table(tmp_path: P
             assert "ix_messages_created_id" in plan and "TEMP B-TREE" not in plan, plan
     finally:
         engine.dispose()
+
+
+def _index_sql(url: str, name: str) -> str:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return str(conn.execute(text("SELECT sql FROM sqlite_master WHERE name = :n"),
+                                    {"n": name}).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def test_0010_keeps_campaign_indexes_to_campaign_rows_and_their_queries_on_them(
+        tmp_path: Path) -> None:
+    # Given a database at 0009, whose campaign indexes hold every message
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    upgrade(url, "0009")
+    assert "WHERE" not in _index_sql(url, "ix_messages_campaign_status")
+    # When it is upgraded to 0010
+    upgrade(url, "0010")
+    # Then both hold only the rows of a campaign
+    for name in ("uq_messages_campaign_to_hash", "ix_messages_campaign_status"):
+        assert _index_sql(url, name).endswith("WHERE campaign_id IS NOT NULL"), name
+    engine = make_engine(url)
+    now = datetime(2026, 11, 29, tzinfo=UTC)
+
+    def row(n: int, campaign: str | None, to_hash: str) -> dict[str, object]:
+        return {"id": f"{n:032x}", "campaign_id": campaign, "category": "promotion",
+                "template": "t", "to_hash": to_hash, "status": "queued", "attempts": 0,
+                "message_id_header": f"<{n}@example.test>", "created_at": now,
+                "updated_at": now}
+
+    try:
+        # And one address per campaign still holds, while single sends may repeat it
+        with engine.begin() as conn:
+            conn.execute(insert(messages), [row(1, "c1", "h"), row(2, None, "h"),
+                                            row(3, None, "h"), row(4, "c2", "h")])
+        with pytest.raises(IntegrityError), engine.begin() as conn:
+            conn.execute(insert(messages), [row(5, "c1", "h")])
+        # And the queries that name a campaign are answered from the partial indexes
+        with engine.connect() as conn:
+            for query, index in [
+                ("SELECT status, reason, count(*) FROM messages WHERE campaign_id IN "
+                 "('c1', 'c2') GROUP BY campaign_id, status, reason",
+                 "ix_messages_campaign_status"),
+                ("SELECT to_hash FROM messages WHERE campaign_id = 'c1' AND to_hash IN "
+                 "('h', 'x')", "uq_messages_campaign_to_hash"),
+            ]:
+                plan = " ".join(str(r[-1]) for r in conn.execute(
+                    text(f"EXPLAIN QUERY PLAN {query}")))
+                assert index in plan, plan
+    finally:
+        engine.dispose()
+    # And the downgrade puts the full indexes back
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["database_url"] = url
+    command.downgrade(config, "0009")
+    assert "WHERE" not in _index_sql(url, "uq_messages_campaign_to_hash")
