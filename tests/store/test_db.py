@@ -58,13 +58,11 @@ def test_an_open_read_does_not_hold_up_a_writer(tmp_path: Path) -> None:
             done.set()
 
         writer = threading.Thread(target=write)
-        started = time.monotonic()
         writer.start()
         # Then it commits at once (were the read holding the write lock, it would wait
         # out the 30 s busy timeout), and the reader keeps its own snapshot
         assert done.wait(timeout=5), "the writer waited for a read-only transaction"
         writer.join(timeout=5)
-        assert time.monotonic() - started < 5
         assert reader.execute(select(topics.c.name).where(OURS)).scalars().all() == []
     with engine.connect() as fresh:
         assert fresh.execute(select(topics.c.name).where(OURS)).scalars().all() == ["t-news"]
