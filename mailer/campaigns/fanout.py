@@ -74,11 +74,6 @@ class BatchResult:
 def fan_out_batch(rt: Runtime, campaign_id: str, batch: int = DEFAULT_BATCH) -> BatchResult:
     """Write and enqueue the next batch of a running campaign."""
     now = rt.clock()
-    with rt.engine.connect() as conn:
-        name = model.get(conn, campaign_id).template
-    # Looked up before any transaction: a stored template is read on a connection of its
-    # own.
-    template = rt.catalogue.get(name)
     # Read and decide on a read-only snapshot, then write in a short transaction guarded
     # by the cursor: on SQLite the write lock is one for the whole database, and holding
     # it through the audience query and the policy would hold up every worker and the
@@ -107,6 +102,8 @@ def fan_out_batch(rt: Runtime, campaign_id: str, batch: int = DEFAULT_BATCH) -> 
                 last_recipient_id=cursor, fanned_out_at=now, audience_count=c.written,
                 updated_at=now))
         return BatchResult(done=True) if done.rowcount else BatchResult(stopped=True)
+    # Looked up outside the snapshot: a stored template is read on a connection of its own.
+    template = rt.catalogue.get(c.template)
     message_rows = _message_rows(rt, c, template, rows, decisions, now)
     queued = [m["id"] for m in message_rows if m["status"] == MessageStatus.QUEUED]
     pause_for = timedelta(0)
