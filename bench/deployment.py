@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.engine import make_url
 
-from bench import campaign, content, pipeline
+from bench import campaign, content, pipeline, postgres
 from bench.procs import ROOT, BenchError, Group, Proc, free_port, wait_until
 from bench.stack import Config, Measurement, Sink, Window
 from mailer.keys import create_key
@@ -85,6 +85,15 @@ def _sqlite_file(work: Path, label: str) -> AbstractContextManager[str]:
 #: The default: a SQLite file in the run's directory, with the pragmas of mailer.store.db.
 SQLITE = Database("sqlite", _sqlite_file,
                   describe="SQLite file per run (WAL, synchronous=NORMAL: no fsync per commit)")
+
+
+def database(name: str, stack: contextlib.ExitStack) -> Database:
+    """The database ``name`` (sqlite, postgresql); a PostgreSQL cluster joins ``stack``."""
+    if name == "sqlite":
+        return SQLITE
+    cluster = stack.enter_context(postgres.cluster())
+    return Database("postgresql", lambda _work, label: cluster.fresh_database(label),
+                    server_pid=cluster.pid, describe=cluster.describe())
 
 
 def procfile() -> dict[str, str]:

@@ -7,7 +7,7 @@ the claims (100 a transaction) and the outcomes (16 a transaction). It does this
 on separate databases: with ids and Message-IDs that are wholly random (uuid4, as before),
 and with the shipped ones (:func:`mailer.runtime.new_message_ids`: led by the time, so
 rows written together share index pages). PostgreSQL runs on a private cluster
-(:mod:`bench.postgres`), and its server processes' CPU is printed as its own column.
+(``bench.deployment.database``), and its server processes' CPU is printed as its own column.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sqlalchemy import Engine
 
+from bench import deployment
 from bench.procs import Group, cpu_delta
 from mailer.runtime import new_message_ids
 from mailer.store.db import make_engine, upgrade
@@ -96,22 +97,6 @@ def measure(engine: Engine, ids: Callable[[str], tuple[str, str]], existing: int
             "outcome": _cpu_per_row(count, outcomes, server)}
 
 
-@contextlib.contextmanager
-def databases(kind: str) -> Iterator[tuple[Callable[[str], str], Group | None]]:
-    """Yield a maker of fresh database URLs of ``kind``, and the server's processes."""
-    if kind == "sqlite":
-        with tempfile.TemporaryDirectory(prefix="mailer-ids-") as folder:
-            yield (lambda label: f"sqlite:///{Path(folder) / label}.db"), None
-        return
-    from bench import postgres
-
-    with postgres.cluster() as cluster:
-        stack = contextlib.ExitStack()
-        with stack:
-            yield ((lambda label: stack.enter_context(cluster.fresh_database(label))),
-                   Group("postgresql", [cluster.pid]))
-
-
 def main() -> None:
     """Run both id schemes and print µs per row."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -122,15 +107,20 @@ def main() -> None:
     args = parser.parse_args()
     schemes = {"random (uuid4)": random_ids, "time-led (shipped)": new_message_ids}
     results = {}
-    with databases(args.database) as (fresh, server):
+    with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory(prefix="mailer-ids-") as tmp:
+        database = deployment.database(args.database, stack)
+        server = (Group(database.name, [database.server_pid])
+                  if database.server_pid is not None else None)
         for number, (name, ids) in enumerate(schemes.items()):
-            url = fresh(f"ids{number}")
-            upgrade(url)
-            engine = make_engine(url)
-            try:
-                results[name] = measure(engine, ids, args.existing, args.messages, server)
-            finally:
-                engine.dispose()
+            work = Path(tmp) / f"ids{number}"
+            work.mkdir()
+            with database.fresh(work, f"ids{number}") as url:
+                upgrade(url)
+                engine = make_engine(url)
+                try:
+                    results[name] = measure(engine, ids, args.existing, args.messages, server)
+                finally:
+                    engine.dispose()
     print(f"{args.database}: {args.existing:,} rows already stored, {args.messages:,} "
           "measured; µs of CPU per row, this process" +
           (" + the PostgreSQL server" if server else ""))

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import redis
 
-from bench import campaign, deployment, peers, pipeline, postgres
+from bench import campaign, deployment, peers, pipeline
 from bench.procs import ROOT, BenchError, machine_busy_seconds, python
 from bench.stack import GROUPS, Config, Measurement
 from tests.services import RedisServer
@@ -283,15 +283,6 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _database(name: str, stack: contextlib.ExitStack) -> deployment.Database:
-    """The deployment scenario's database ``name``; a PostgreSQL cluster joins ``stack``."""
-    if name == "sqlite":
-        return deployment.SQLITE
-    cluster = stack.enter_context(postgres.cluster())
-    return deployment.Database("postgresql", lambda _work, label: cluster.fresh_database(label),
-                               server_pid=cluster.pid, describe=cluster.describe())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run everything and print the table."""
     args = parse(argv)
@@ -307,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         server.start()
         if "deployment" in scenarios and sinks:
-            databases = {name: _database(name, stack) for name in args.databases}
+            databases = {name: deployment.database(name, stack) for name in args.databases}
         cfg = Config(messages=args.messages, naive_messages=args.naive_messages,
                      processes=args.processes, threads=args.threads, pool_size=args.pool_size,
                      api_workers=args.api_workers,
