@@ -189,7 +189,30 @@ class _CodeGenerator(CodeGenerator):
         self.write("))")
 
 
-class _Sandbox(ImmutableSandboxedEnvironment):
+#: Every attribute a ``dict`` instance has (its class's and ``object``'s).
+_DICT_ATTRIBUTES = frozenset(dir(dict))
+
+
+class DictSandbox(ImmutableSandboxedEnvironment):
+    """jinja2's immutable sandbox, with a shorter path to a key of a plain ``dict``."""
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        """``{{ item.date }}`` on JSON data: what the sandbox returns, found sooner.
+
+        jinja2 tries the attribute first and takes the key when that raises
+        AttributeError. A plain ``dict`` has no instance attributes, so for a name its
+        class lacks that is always the key; raising and catching the AttributeError was
+        a tenth of a render's CPU in templates that loop over list data.
+        """
+        if type(obj) is dict and attribute not in _DICT_ATTRIBUTES:
+            try:
+                return obj[attribute]
+            except KeyError:
+                pass
+        return super().getattr(obj, attribute)
+
+
+class _Sandbox(DictSandbox):
     """The sandbox with sized ``~``, ``+`` and ``*``, no ``**``, no ``%`` formatting."""
 
     code_generator_class = _CodeGenerator

@@ -24,6 +24,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from mailer.errors import TemplateError
 from mailer.mail.locales import DEFAULT_LOCALE, normalise, pick
+from mailer.mail.sandbox import DictSandbox
 from mailer.mail.stencil import (
     Stencil,
     StencilCache,
@@ -59,10 +60,10 @@ def _localised_date(context: Context, value: object) -> str:
     return date_formatter(str(context.get(LANGUAGE_VARIABLE) or DEFAULT_LOCALE))(value)
 
 
-def _environment(autoescape: bool) -> ImmutableSandboxedEnvironment:
+def _environment(autoescape: bool) -> DictSandbox:
     # StrictUndefined: a missing variable is an error at accept time (422), never a
     # blank in a sent mail. The sandbox keeps templates away from Python internals.
-    env = ImmutableSandboxedEnvironment(
+    env = DictSandbox(
         autoescape=autoescape, undefined=StrictUndefined, keep_trailing_newline=True
     )
     env.filters["date"] = _localised_date
