@@ -24,6 +24,11 @@ MAX_RESPONSE_CHARS = 500
 _ENHANCED_CODE = re.compile(r"^\s*([245]\.\d{1,3}\.\d{1,3})(?![\d.])")
 # Characters that end or smuggle an SMTP command argument (RFC 5321 section 4.1.2).
 _FORBIDDEN_IN_ADDRESS = re.compile(r"[\x00-\x20\x7f<>]")
+# An ASCII dot-atom address (RFC 5322 section 3.2.3 atext, dots between atoms, a domain of
+# letters, digits and hyphens): parseaddr gives such an address back unchanged, which the
+# tests check on generated ones, so it skips parseaddr (about 12 us a call).
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_ADDRESS = re.compile(rf"(?:{_ATEXT}\.)*{_ATEXT}@(?:[A-Za-z0-9-]+\.)*[A-Za-z0-9-]+")
 # RFC 3463 section 3.2: X.1.7 and X.1.8 are about the *sender's* address, never the recipient.
 _SENDER_ADDRESS_STATUSES = frozenset({"1.7", "1.8"})
 
@@ -225,6 +230,8 @@ def _address_problem(address: str, *, may_be_empty: bool) -> str | None:
         return "address is not ASCII"
     # aiosmtplib quotes through parseaddr, which silently truncates odd input instead of
     # rejecting it; refuse anything it would rewrite so the envelope is exactly as given.
+    if _PLAIN_ADDRESS.fullmatch(address):
+        return None
     if _FORBIDDEN_IN_ADDRESS.search(address) or parseaddr(address)[1] != address:
         return "address not allowed on an SMTP command line"
     return None

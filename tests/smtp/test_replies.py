@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import string
+from email.utils import parseaddr
 
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mailer.smtp import replies
 from mailer.smtp.replies import Outcome, Stage, blames_client, redacted, reply
+from tests.smtp_servers import SimpleEnvelope
 
 
 @pytest.mark.parametrize(
@@ -59,3 +66,36 @@ def test_refusals_of_the_message_or_the_recipient_are_not(
 def test_logged_reply_texts_carry_no_addresses() -> None:
     text = "5.7.1 <rcpt@example.org>: Relay access denied for sender@example.com"
     assert redacted(text) == "5.7.1 <address>: Relay access denied for <address>"
+
+
+_ATEXT_CHARS = string.ascii_letters + string.digits + "!#$%&'*+/=?^_`{|}~-"
+_ATOM = st.text(alphabet=_ATEXT_CHARS, min_size=1, max_size=6)
+_LABEL = st.text(alphabet=string.ascii_letters + string.digits + "-", min_size=1, max_size=6)
+
+
+@given(st.lists(_ATOM, min_size=1, max_size=3), st.lists(_LABEL, min_size=1, max_size=3))
+def test_plain_addresses_are_what_parseaddr_leaves_unchanged(local: list[str],
+                                                             domain: list[str]) -> None:
+    """The dot-atom shortcut only skips addresses the full check would pass as well."""
+    address = ".".join(local) + "@" + ".".join(domain)
+    assert replies._PLAIN_ADDRESS.fullmatch(address)
+    assert parseaddr(address)[1] == address
+    assert not replies._FORBIDDEN_IN_ADDRESS.search(address)
+    assert replies.envelope_problem(SimpleEnvelope(address, (address,), b"")) is None
+
+
+@given(st.text(alphabet=string.printable + "\u00e9", max_size=20))
+def test_any_address_gets_the_full_check_unless_plain(address: str) -> None:
+    """Whatever the shortcut accepts, parseaddr would have accepted unchanged."""
+    problem = replies._address_problem(address, may_be_empty=False)
+    full = (address == "" or not address.isascii()
+            or bool(replies._FORBIDDEN_IN_ADDRESS.search(address))
+            or parseaddr(address)[1] != address)
+    assert (problem is not None) == full
+
+
+@pytest.mark.parametrize("address", ["a b@x.y", "<a@x.y>", "a@x.y>", "\"a b\"@x.y",
+                                     "a@x.y, b@x.y", "a(c)@x.y", "é@x.y", ""])
+def test_addresses_parseaddr_would_rewrite_are_refused(address: str) -> None:
+    result = replies.envelope_problem(SimpleEnvelope("s@x.y", (address,), b""))
+    assert result is not None and result.stage is Stage.ENVELOPE
