@@ -515,10 +515,15 @@ def test_html_to_text_keeps_the_url_of_a_link_with_entities() -> None:
         ("Hello Jane,\nyour order shipped.", "7bit"),
         ("Grüße aus Köln, Ihre Bestellung ist unterwegs.", "quoted-printable"),
         ("a line with a NUL \x00 in it", "quoted-printable"),
+        ("a vertical tab \x0b and a DEL \x7f", "quoted-printable"),
+        ("tabs\tare\tfine ~ {as} is all of ASCII's punctuation: !\"#$%&'()*+,-./", "7bit"),
         ("x" * 1200, "quoted-printable"),
+        ("x" * 998 + "\n" + "y" * 998, "7bit"),
+        ("first\n.\nlast", "quoted-printable"),
         ("Здравствуйте! Ваш заказ отправлен сегодня.", "base64"),
     ],
-    ids=["ascii", "latin", "control", "overlong-line", "cyrillic"],
+    ids=["ascii", "latin", "control", "vt-del", "tab-punctuation", "overlong-line",
+         "longest-lines", "lone-dot", "cyrillic"],
 )
 def test_text_parts_use_the_plainest_encoding_that_carries_them(
     builder: MessageBuilder, text: str, encoding: str,
