@@ -5,6 +5,7 @@ The MetaData's naming convention names the constraints and indexes not named by 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,6 +25,25 @@ class UtcDateTime(TypeDecorator[datetime]):
         if value.tzinfo is None:
             raise ValueError("naive datetime given to the database; use aware UTC")
         return value.astimezone(UTC).replace(tzinfo=None)
+
+    def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any] | None:
+        """On SQLite, the conversion above and SQLAlchemy's text form in one step.
+
+        SQLite's DATETIME stores ``YYYY-MM-DD HH:MM:SS.ffffff``, which ``isoformat`` writes
+        in C; the two chained Python processors cost twice as much, on every timestamp of
+        every row the API, scheduler and worker write. Other dialects keep the chain.
+        """
+        if dialect.name != "sqlite":
+            return super().bind_processor(dialect)
+
+        def process(value: datetime | None) -> str | None:
+            if value is None:
+                return None
+            if value.tzinfo is None:
+                raise ValueError("naive datetime given to the database; use aware UTC")
+            return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+
+        return process
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
         if value is None:
