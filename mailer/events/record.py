@@ -72,6 +72,12 @@ class MessageChange:
     smtp_code: int | None = None
 
 
+#: The endpoints not deleted, read on every slice a worker records: built once.
+_LIVE_ENDPOINTS = (select(webhook_endpoints.c.id, webhook_endpoints.c.events)
+                   .where(webhook_endpoints.c.deleted_at.is_(None))
+                   .order_by(webhook_endpoints.c.id))
+
+
 class Subscribers:
     """The live endpoints as this transaction sees them, and the types each wants."""
 
@@ -81,9 +87,7 @@ class Subscribers:
     @classmethod
     def load(cls, conn: Connection) -> Subscribers:
         """Read the endpoints that are not deleted."""
-        rows = conn.execute(select(webhook_endpoints.c.id, webhook_endpoints.c.events)
-                            .where(webhook_endpoints.c.deleted_at.is_(None))
-                            .order_by(webhook_endpoints.c.id))
+        rows = conn.execute(_LIVE_ENDPOINTS)
         return cls([(r.id, None if r.events is None else frozenset(r.events)) for r in rows])
 
     def endpoints_for(self, kind: EventType) -> list[str]:
