@@ -52,10 +52,12 @@ class BatchIn(BaseModel):
     messages: list[dict[str, Any]] = Field(max_length=MAX_BATCH)
 
 
-def _to_request(body: MessageIn, raw: dict[str, Any]) -> SendRequest:
+def _to_request(body: MessageIn) -> SendRequest:
     # A bare string is not re-validated as To: its length cap would be a 500 here, and
     # the address check that follows answers 422 invalid_address for any bad address.
-    to = body.to if isinstance(body.to, To) else To.model_construct(email=body.to)
+    to = body.to
+    email, external_id, name = ((to.email, to.external_id, to.name) if isinstance(to, To)
+                                else (to, None, None))
     send_at = body.send_at
     if send_at is not None and send_at.tzinfo is None:
         raise ValidationFailed("send_at needs a time zone, e.g. 2030-01-01T09:00:00Z")
@@ -66,8 +68,10 @@ def _to_request(body: MessageIn, raw: dict[str, Any]) -> SendRequest:
     if body.locale is not None and not is_valid_locale(body.locale):
         raise ValidationFailed("locale is not a language tag (write it like de or pt-BR)",
                                {"locale": body.locale}, code="invalid_locale")
+    # The body as JSON only fingerprints an idempotent request (a replay must match it).
+    raw = body.model_dump(mode="json", exclude_none=True) if body.idempotency_key else {}
     return SendRequest(
-        template=body.template, email=to.email, external_id=to.external_id, name=to.name,
+        template=body.template, email=email, external_id=external_id, name=name,
         data=body.data, topic=body.topic, idempotency_key=body.idempotency_key,
         send_at=send_at, body=raw, locale=body.locale,
     )
@@ -83,8 +87,7 @@ def send_message(
     """Accept one message: 202 with its id and status (queued, scheduled or suppressed)."""
     if idempotency_key and not body.idempotency_key:
         body = body.model_copy(update={"idempotency_key": idempotency_key})
-    raw = body.model_dump(mode="json", exclude_none=True)
-    [result] = Acceptor(rt).accept(key, [_to_request(body, raw)])
+    [result] = Acceptor(rt).accept(key, [_to_request(body)])
     if isinstance(result, Refused):
         raise result.error
     return JSONResponse(result.as_json(), status_code=202)
@@ -102,9 +105,7 @@ def send_batch(
     for index, item in enumerate(body.messages):
         try:
             parsed = MessageIn.model_validate(item)
-            requests.append(
-                _to_request(parsed, parsed.model_dump(mode="json", exclude_none=True))
-            )
+            requests.append(_to_request(parsed))
         except RequestError as exc:
             requests.append(None)
             errors[index] = error_body(exc)
