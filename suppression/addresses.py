@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
+from functools import lru_cache
 
 from email_validator import EmailNotValidError, validate_email
 
@@ -11,6 +13,12 @@ from email_validator import EmailNotValidError, validate_email
 MAX_ADDRESS_LENGTH = 254
 #: RFC 5321 section 4.5.3.1.1: a local part is at most 64 octets.
 MAX_LOCAL_PART_LENGTH = 64
+
+
+# An ASCII dot-atom local part (RFC 5322 section 3.2.3 atext, single dots between atoms).
+_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+#: Domains whose verdict is remembered per process (most mail goes to a few domains).
+_DOMAINS_REMEMBERED = 4096
 
 
 class InvalidAddressError(ValueError):
@@ -37,7 +45,28 @@ def normalise(address: str, *, test_environment: bool = False) -> str:
         # addr-spec. "=?" is legal atext, but a mail client that decodes it anyway would
         # show (or reply to) something other than what we validated.
         raise InvalidAddressError("an email address may not contain an RFC 2047 encoded-word")
-    local, _, _ = address.rpartition("@")
+    local, _, domain = address.rpartition("@")
+    if len(local) <= MAX_LOCAL_PART_LENGTH and _DOT_ATOM.fullmatch(local):
+        # email-validator judges such a local part on its own, and the domain on its own:
+        # the domain's verdict (about 14 of its 24 us, in IDNA checks) is remembered.
+        # Tests compare this path with the full one on generated addresses.
+        ascii_domain = _domain(domain, test_environment)
+        if ascii_domain is not None and len(local) + 1 + len(ascii_domain) <= MAX_ADDRESS_LENGTH:
+            return f"{local}@{ascii_domain}"
+    return _validated(address, local, test_environment)
+
+
+@lru_cache(maxsize=_DOMAINS_REMEMBERED)
+def _domain(domain: str, test_environment: bool) -> str | None:
+    """The ASCII form of ``domain`` if an address at it can be valid, else None."""
+    try:
+        return _validated(f"a@{domain}", "a", test_environment).rpartition("@")[2]
+    except InvalidAddressError:
+        return None
+
+
+def _validated(address: str, local: str, test_environment: bool) -> str:
+    """:func:`normalise` by email-validator, once the cheap checks have passed."""
     if not local.isascii():
         # We send ASCII-only envelopes: a non-ASCII local part needs SMTPUTF8 (RFC 6531)
         # end to end and, unlike a domain, has no ASCII form to fall back on.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -193,3 +195,51 @@ def test_hash_is_keyed_hmac_not_bare_sha256() -> None:
 def test_hash_refuses_an_empty_key() -> None:
     with pytest.raises(ValueError):
         address_hash("a@example.com", b"")
+
+
+# --- the remembered-domain shortcut gives email-validator's own verdict ---------------
+
+_ATEXT = "abcXYZ019!#$%&'*+/=?^_`{|}~-"
+_LOCALS = st.lists(st.text(alphabet=_ATEXT, min_size=1, max_size=22), min_size=1,
+                   max_size=4).map(".".join)
+_LABELS = st.sampled_from(["example", "EXAMPLE", "b\u00fccher", "xn--bcher-kva", "x", "123",
+                           "a-b", "-ab", "ab-", "a_b", "xn--zz", "localhost", "test",
+                           "invalid", "local", "com", "org", "de", "\uff45x", "a" * 63,
+                           "a" * 64, "", "ex ample", "example."])
+_DOMAINS = st.lists(_LABELS, min_size=1, max_size=5).map(".".join)
+
+
+def _without_shortcut(address: str, test_environment: bool) -> str | Exception:
+    """normalise() with no domain remembered: every address goes to email-validator."""
+    from suppression import addresses
+
+    with mock.patch.object(addresses, "_domain", lambda domain, test_env: None):
+        try:
+            return normalise(address, test_environment=test_environment)
+        except InvalidAddressError as exc:
+            return exc
+
+
+@settings(max_examples=400)
+@given(_LOCALS, _DOMAINS, st.booleans())
+def test_shortcut_equals_the_full_validation(local: str, domain: str, test_env: bool) -> None:
+    address = f"{local}@{domain}"
+    try:
+        ours: str | Exception = normalise(address, test_environment=test_env)
+    except InvalidAddressError as exc:
+        ours = exc
+    reference = _without_shortcut(address, test_env)
+    if isinstance(reference, Exception):
+        assert isinstance(ours, InvalidAddressError)
+    else:
+        assert ours == reference
+
+
+def test_a_long_local_part_at_a_known_domain_is_still_refused() -> None:
+    normalise("someone@example.com")  # the domain is now remembered
+    with pytest.raises(InvalidAddressError):
+        normalise("x" * 65 + "@example.com")
+    with pytest.raises(InvalidAddressError):
+        normalise("a..b@example.com")
+    with pytest.raises(InvalidAddressError):
+        normalise(".a@example.com")
