@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import secrets
+import os
 import signal
 import threading
 import time
@@ -97,23 +97,31 @@ class Runtime:
 
     def new_message_id(self) -> tuple[str, str]:
         """A row id and a separate unguessable RFC 5322 Message-ID, fixed at acceptance."""
-        return new_message_ids(self.mail_domain)
+        return new_message_ids(self.mail_domain)[0]
+
+    def new_message_ids(self, count: int) -> list[tuple[str, str]]:
+        """``count`` of :meth:`new_message_id`'s pairs, for a batch of rows."""
+        return new_message_ids(self.mail_domain, count)
 
     def url(self, path: str) -> str:
         """An absolute link to one of our public pages."""
         return f"{self.settings.public_url}{path}"
 
 
-def new_message_ids(mail_domain: str) -> tuple[str, str]:
-    """A row id (32 hex digits) and a Message-ID, both led by the time in milliseconds.
+def new_message_ids(mail_domain: str, count: int = 1) -> list[tuple[str, str]]:
+    """``count`` pairs of a row id (32 hex digits) and a Message-ID, led by the time in ms.
 
     The rest is random: 80 bits in the id, 128 in the Message-ID, which stays unguessable.
     Rows written together then sit side by side in the primary-key and Message-ID indexes
     instead of on random pages; with fully random ids, every insert into a table of
-    millions of rows touches pages of those indexes that are no longer cached.
+    millions of rows touches pages of those indexes that are no longer cached. The random
+    bits of a batch come from one read of the system's CSPRNG (the source of ``secrets``):
+    two reads per message were a twentieth of a campaign fan-out's CPU.
     """
     stamp = f"{time.time_ns() // 1_000_000:012x}"
-    return stamp + secrets.token_hex(10), f"<{stamp}{secrets.token_hex(16)}@{mail_domain}>"
+    pool = os.urandom(26 * count).hex()
+    return [(stamp + pool[i:i + 20], f"<{stamp}{pool[i + 20:i + 52]}@{mail_domain}>")
+            for i in range(0, 52 * count, 52)]
 
 
 def stop_on_signals(stop: threading.Event | None = None) -> threading.Event:

@@ -58,3 +58,18 @@ def test_ids_sort_by_creation_time_and_keep_their_random_part(runtime: Any) -> N
     for row_id, header in rounds[0]:
         match = re.fullmatch(r"<([0-9a-f]{12})([0-9a-f]{32})@example\.test>", header)
         assert match is not None and match.group(1) == row_id[:12]
+
+
+def test_a_batch_of_ids_is_as_unique_and_shaped_as_single_ones(runtime: Any) -> None:
+    # Given ids made for a batch of rows in one call
+    batch = runtime.new_message_ids(500)
+    # Then there are as many as asked, every row id and Message-ID distinct
+    assert len(batch) == 500
+    assert len({row_id for row_id, _ in batch}) == 500
+    assert len({header for _, header in batch}) == 500
+    # And each pair has the shape of a single id: one time prefix, 80 + 128 random bits
+    for row_id, header in batch:
+        match = re.fullmatch(r"<([0-9a-f]{12})([0-9a-f]{32})@example\.test>", header)
+        assert match is not None and match.group(1) == row_id[:12]
+        assert re.fullmatch(r"[0-9a-f]{32}", row_id) and row_id[12:] not in header
+    assert runtime.new_message_ids(0) == []

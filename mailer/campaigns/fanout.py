@@ -147,8 +147,8 @@ def _message_rows(
     variables = template.variables
     needs_name = "name" in template.required and "name" not in (c.data or {})
     out = []
-    for row, decision in zip(rows, decisions, strict=True):
-        row_id, message_id = rt.new_message_id()
+    for row, decision, (row_id, message_id) in zip(rows, decisions,
+                                                   rt.new_message_ids(len(rows)), strict=True):
         status, reason = MessageStatus.QUEUED, None
         if not decision.allowed:
             status = MessageStatus.SUPPRESSED

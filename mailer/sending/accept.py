@@ -209,8 +209,8 @@ class Acceptor:
         rows: list[dict[str, Any]] = []
         idem_rows: list[dict[str, Any]] = []
         queued: list[str] = []
-        for p, decision in zip(fresh, decisions, strict=True):
-            row_id, message_id = self.rt.new_message_id()
+        for p, decision, (row_id, message_id) in zip(
+                fresh, decisions, self.rt.new_message_ids(len(fresh)), strict=True):
             req = p.request
             if not decision.allowed:
                 status = MessageStatus.SUPPRESSED
