@@ -62,3 +62,18 @@ def test_round_trip_and_order_on_sqlite() -> None:
     assert back == moments
     assert ordered == [2, 0, 1]
     assert later == [1]
+
+
+def test_a_repeated_moment_binds_alike_and_a_new_one_is_converted() -> None:
+    # Given one processor binding the same object many times, then other moments
+    process = UtcDateTime().bind_processor(_SQLITE)
+    assert process is not None and _REFERENCE is not None
+    now = datetime(2030, 5, 6, 7, 8, 9, 10, tzinfo=UTC)
+    assert {process(now) for _ in range(3)} == {"2030-05-06 07:08:09.000010"}
+    # Then an equal but distinct moment in another zone, and a naive one, are still handled
+    same = now.astimezone(timezone(timedelta(hours=-3)))
+    assert process(same) == "2030-05-06 07:08:09.000010"
+    assert process(now + timedelta(microseconds=1)) == "2030-05-06 07:08:09.000011"
+    with pytest.raises(ValueError, match="naive"):
+        process(now.replace(tzinfo=None))
+    assert process(now) == _REFERENCE(now.replace(tzinfo=None))

@@ -35,13 +35,22 @@ class UtcDateTime(TypeDecorator[datetime]):
         """
         if dialect.name != "sqlite":
             return super().bind_processor(dialect)
+        # A batch binds the same "now" object in every row: the last conversion is kept,
+        # as one pair replaced whole, so threads sharing the processor never see it torn.
+        # The pair holds the datetime (immutable), so its identity cannot be reused.
+        last: list[tuple[datetime | None, str]] = [(None, "")]
 
         def process(value: datetime | None) -> str | None:
             if value is None:
                 return None
+            seen, text = last[0]
+            if value is seen:
+                return text
             if value.tzinfo is None:
                 raise ValueError("naive datetime given to the database; use aware UTC")
-            return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+            text = value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+            last[0] = (value, text)
+            return text
 
         return process
 
