@@ -30,6 +30,7 @@ from sqlalchemy import (
 )
 
 from mailer.events.record import MessageChange, record_message_changes
+from mailer.store import bulk
 from mailer.store.schema import message_events, messages
 from mailer.store.status import MessageStatus
 
@@ -59,6 +60,31 @@ class Outcome:
     attempts_at_most: int | None = None
 
 
+#: finish()'s compare-and-set, built once: constructing it and working out its cache key
+#: on every slice of 16 messages cost more than binding the rows.
+_FINISH = (
+    update(messages)
+    .where(messages.c.id == bindparam("b_id"),
+           messages.c.status == MessageStatus.SENDING)
+    .values(
+        status=bindparam("b_status"),
+        reason=bindparam("b_reason"),
+        smtp_code=bindparam("b_code"),
+        smtp_response=bindparam("b_response"),
+        next_attempt_at=bindparam("b_next"),
+        sent_at=bindparam("b_sent"),
+        lease_until=None,
+        updated_at=bindparam("b_now"),
+        # "attempts > NULL" is NULL, so without a cap the count stays as it is.
+        attempts=case((messages.c.attempts > bindparam("b_cap", type_=Integer),
+                       bindparam("b_cap", type_=Integer)),
+                      else_=messages.c.attempts),
+    )
+)
+_INSERT_EVENTS = insert(message_events)
+_INSERT_MESSAGES = insert(messages)
+
+
 def insert_messages(conn: Connection, rows: Sequence[Mapping[str, Any]], now: datetime) -> None:
     """Insert message rows and their first event in bulk."""
     if not rows:
@@ -67,14 +93,11 @@ def insert_messages(conn: Connection, rows: Sequence[Mapping[str, Any]], now: da
     # a column only later rows carry: give every row the same keys.
     keys = set().union(*(r.keys() for r in rows))
     uniform = [r if len(r) == len(keys) else {k: r.get(k) for k in keys} for r in rows]
-    conn.execute(insert(messages), uniform)
-    conn.execute(
-        insert(message_events),
-        [
-            {"message_id": r["id"], "at": now, "type": r["status"], "detail": r.get("reason")}
-            for r in rows
-        ],
-    )
+    bulk.executemany(conn, _INSERT_MESSAGES, uniform)
+    bulk.executemany(conn, _INSERT_EVENTS, [
+        {"message_id": r["id"], "at": now, "type": r["status"], "detail": r.get("reason")}
+        for r in rows
+    ])
     record_message_changes(
         conn, [MessageChange(r["id"], r["status"], r.get("reason")) for r in rows], now)
 
@@ -144,29 +167,6 @@ def renew_lease(
     return {row.id for row in result}
 
 
-#: finish()'s compare-and-set, built once: constructing it and working out its cache key
-#: on every slice of 16 messages cost more than binding the rows.
-_FINISH = (
-    update(messages)
-    .where(messages.c.id == bindparam("b_id"),
-           messages.c.status == MessageStatus.SENDING)
-    .values(
-        status=bindparam("b_status"),
-        reason=bindparam("b_reason"),
-        smtp_code=bindparam("b_code"),
-        smtp_response=bindparam("b_response"),
-        next_attempt_at=bindparam("b_next"),
-        sent_at=bindparam("b_sent"),
-        lease_until=None,
-        updated_at=bindparam("b_now"),
-        # "attempts > NULL" is NULL, so without a cap the count stays as it is.
-        attempts=case((messages.c.attempts > bindparam("b_cap", type_=Integer),
-                       bindparam("b_cap", type_=Integer)),
-                      else_=messages.c.attempts),
-    )
-)
-_INSERT_EVENTS = insert(message_events)
-
 
 def finish(conn: Connection, outcomes: Iterable[Outcome], now: datetime) -> int:
     """Record attempt outcomes with a compare-and-set on ``sending``; return rows changed."""
@@ -186,7 +186,7 @@ def finish(conn: Connection, outcomes: Iterable[Outcome], now: datetime) -> int:
     ]
     if not params:
         return 0
-    result = conn.execute(_FINISH, params)
+    changed = bulk.executemany(conn, _FINISH, params)
     add_events(
         conn,
         [(o.id, o.event or o.status, o.reason or o.smtp_response) for o in outcomes],
@@ -194,7 +194,7 @@ def finish(conn: Connection, outcomes: Iterable[Outcome], now: datetime) -> int:
     )
     record_message_changes(
         conn, [MessageChange(o.id, o.status, o.reason, o.smtp_code) for o in outcomes], now)
-    return int(result.rowcount or 0)
+    return changed
 
 
 def add_events(
@@ -202,14 +202,10 @@ def add_events(
 ) -> None:
     """Append history entries ``(message id, type, detail)``."""
     if events:
-        conn.execute(
-            _INSERT_EVENTS,
-            [
-                {"message_id": mid, "at": now, "type": kind,
-                 "detail": detail[:500] if detail else None}
-                for mid, kind, detail in events
-            ],
-        )
+        bulk.executemany(conn, _INSERT_EVENTS, [
+            {"message_id": mid, "at": now, "type": kind, "detail": detail[:500] if detail else None}
+            for mid, kind, detail in events
+        ])
 
 
 def transition(
