@@ -12,6 +12,7 @@ from mailer.config import Settings, load_or_exit
 from mailer.events.delivery import Deliverer
 from mailer.runtime import Runtime, stop_on_signals
 from mailer.sending.sweeper import sweep
+from mailer.store.db import checkpoint_wal
 
 log = logging.getLogger("mailer.scheduler")
 
@@ -45,6 +46,10 @@ def run(settings: Settings | None = None, stop: threading.Event | None = None) -
                              report.enqueued, report.expired_suppressions)
             except Exception as exc:  # keep sweeping through a database or Redis outage
                 log.warning("sweep failed: %s", type(exc).__name__)
+        try:
+            checkpoint_wal(rt.engine)
+        except Exception as exc:  # a busy or missing database file: the next tick retries
+            log.warning("WAL checkpoint failed: %s", type(exc).__name__)
         busy = False
         try:
             campaigns = campaign_tick(rt)

@@ -7,9 +7,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import Connection, Engine, event, insert, select, text
+from sqlalchemy import Connection, Engine, event, func, insert, select, text
 
-from mailer.store.db import make_engine, upgrade
+from mailer.store.db import checkpoint_wal, make_engine, upgrade
 from mailer.store.schema import topics
 
 NOW = datetime(2026, 11, 29, tzinfo=UTC)
@@ -106,3 +106,37 @@ def test_write_transactions_wait_for_each_other_from_begin(tmp_path: Path) -> No
     assert order == ["first committed", "second began"]
     with engine.connect() as conn:
         assert sorted(conn.execute(select(topics.c.name).where(OURS)).scalars()) == ["t-a", "t-b1"]
+
+
+def test_a_wal_kept_from_resetting_by_readers_is_cut_back(tmp_path: Path) -> None:
+    # Given a reader that always has a snapshot open while a writer commits page after page
+    engine, _ = _engine_with_log(tmp_path)
+    wal = tmp_path / "mailer.db-wal"
+    with engine.connect() as reader:
+        for batch in range(40):
+            reader.execute(select(topics.c.name).where(OURS)).all()  # a fresh snapshot
+            with engine.begin() as conn:
+                conn.execute(insert(topics), [
+                    {"name": f"t-{batch}-{i}", "title": "x" * 400, "created_at": NOW}
+                    for i in range(50)])
+            reader.commit()
+            reader.execute(select(topics.c.name).where(OURS)).all()
+        # Then SQLite's own checkpoints could not reset the log: it only grew
+        grown = wal.stat().st_size
+        assert grown > 200 * 4096
+    # When the scheduler's checkpoint runs with the readers gone
+    frames = checkpoint_wal(engine, max_frames=100)
+    # Then it saw the long log and cut the file back to nothing, nothing lost
+    assert frames is not None and frames > 100
+    assert wal.stat().st_size == 0
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(topics).where(OURS)).scalar() == 2000
+    # And a short log is only copied, not waited for
+    with engine.begin() as conn:
+        conn.execute(insert(topics).values(name="t-last", title="x", created_at=NOW))
+    assert checkpoint_wal(engine, max_frames=100) == wal.stat().st_size // (4096 + 24)
+
+
+def test_checkpoint_is_a_no_op_on_postgresql() -> None:
+    engine = make_engine("postgresql://nobody@127.0.0.1:9/none")
+    assert checkpoint_wal(engine) is None
