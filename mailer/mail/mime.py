@@ -143,6 +143,41 @@ def _wrap_plain(line: str, width: int, out: list[str]) -> None:
     out.append(line[start:])
 
 
+#: Lines whose quoted-printable form is remembered, and the longest line remembered.
+_QP_LINES = 8192
+_QP_LINE_CHARS = 1000
+_qp_cache: dict[str, bytes] = {}
+
+
+def _qp_line(line: str) -> bytes:
+    """One line that a line break follows, in quoted-printable, without that break.
+
+    b2a_qp encodes "=", controls, white space at the end of a line and a line that is a
+    lone ".", and soft-breaks at 76 characters, all within the line; only whether a line
+    break follows changes its output (it soft-breaks a 76-character line before a CR). So
+    a text encodes as its lines, each encoded with its CRLF, joined (the tests check it
+    on random text). Most lines of a template's text part are the same in every message,
+    and encoding each again was half of building a text part: they are remembered, up
+    to a bound.
+    """
+    encoded = _qp_cache.get(line)
+    if encoded is None:
+        encoded = _qp(line + "\r\n")[:-2]
+        if len(line) <= _QP_LINE_CHARS:
+            if len(_qp_cache) >= _QP_LINES:
+                _qp_cache.clear()
+            _qp_cache[line] = encoded
+    return encoded
+
+
+def _qp(text: str) -> bytes:
+    """``text`` (CRLF line breaks) in quoted-printable, every line break CRLF."""
+    # "replace": a lone surrogate from JSON. b2a_qp's soft line breaks copy the first line
+    # break it saw, a bare LF when the text has none: spell them all CRLF.
+    encoded = binascii.b2a_qp(text.encode("utf-8", "replace"), istext=True)
+    return encoded.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
 def text_part(content_type: bytes, text: str, *, wrap: bool) -> bytes:
     """One text part, headers and body, in the plainest encoding that carries it.
 
@@ -162,12 +197,7 @@ def text_part(content_type: bytes, text: str, *, wrap: bool) -> bytes:
     ):
         return content_type + b"Content-Transfer-Encoding: 7bit\r\n\r\n" + raw
     if len(raw) - len(body) <= len(body) // 3:
-        # b2a_qp keeps CRLF as line breaks, encodes "=", controls, trailing white space
-        # and a line that is a lone ".", and soft-breaks at 76 characters.
-        # Its soft line breaks copy the first line break it saw, a bare LF when the text has
-        # none: spell them all CRLF (the text holds no other line breaks by now).
-        encoded = binascii.b2a_qp(raw, istext=True).replace(b"\r\n", b"\n")
-        encoded = encoded.replace(b"\n", b"\r\n")
+        encoded = b"\r\n".join([*map(_qp_line, lines[:-1]), _qp(lines[-1])])
         return content_type + b"Content-Transfer-Encoding: quoted-printable\r\n\r\n" + encoded
     return content_type + b"Content-Transfer-Encoding: base64\r\n\r\n" + _base64_body(raw)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import email
 import email.policy
 import re
@@ -16,9 +17,12 @@ import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mailer.config import Settings
 from mailer.errors import ConfigError, HeaderInjection, InvalidAddress
+from mailer.mail import mime
 from mailer.mail.dkim import DkimSigner
 from mailer.mail.mime import Envelope, MessageBuilder
 from mailer.mail.text import html_to_text
@@ -558,3 +562,35 @@ def test_the_signature_separator_keeps_its_trailing_space(builder: MessageBuilde
     text_part, _ = parse(build(builder, text="Hello\n\n-- \nExample Shop")).iter_parts()
     # Then the separator line reads back as "-- " exactly
     assert "-- " in text_part.get_content().splitlines()
+
+
+# --- quoted-printable, line by line and remembered -------------------------------------
+
+_QP_TEXT = st.lists(
+    st.lists(st.sampled_from([*"ab =.\t\u00e9\u2014\x01\x7f\r", "x" * 40, " " * 3, "y" * 75]),
+             max_size=12).map("".join),
+    min_size=1, max_size=6).map("\n".join)
+
+
+@settings(max_examples=300)
+@given(_QP_TEXT, st.booleans())
+def test_quoted_printable_by_line_equals_the_whole_text_encoded(text: str, wrap: bool) -> None:
+    # The whole text through b2a_qp, soft breaks as CRLF: what text_part wrote before
+    lines = mime.wrap_text(text) if wrap else mime._lines(text)
+    raw = "\r\n".join(lines).encode("utf-8", "replace")
+    whole = binascii.b2a_qp(raw, istext=True).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    part = mime.text_part(b"", text, wrap=wrap)
+    if b"quoted-printable" in part:
+        assert part.split(b"\r\n\r\n", 1)[1] == whole
+        # And a second time, from the remembered lines, the same
+        assert mime.text_part(b"", text, wrap=wrap) == part
+
+
+def test_remembered_lines_are_bounded() -> None:
+    for n in range(mime._QP_LINES + 10):
+        mime._qp_line(f"\u00e9 {n}")
+    assert len(mime._qp_cache) <= mime._QP_LINES
+    mime._qp_line("\u00e9" * (mime._QP_LINE_CHARS + 1))
+    # A remembered line encodes as it did the first time
+    assert mime._qp_line("\u00e9 3") == mime._qp("\u00e9 3\r\n")[:-2]
+    assert "\u00e9" * (mime._QP_LINE_CHARS + 1) not in mime._qp_cache
