@@ -215,6 +215,15 @@ class MessageBuilder:
             reply_name, reply_address = parse_sender(reply_to)
             self._reply_to = fold("Reply-To", format_address(reply_address, reply_name))
         self._dkim = dkim
+        # The Date field of the moment formatted last: a slice of messages shares one.
+        self._last_date: tuple[datetime | None, bytes] = (None, b"")
+
+    def _date_field(self, date: datetime) -> bytes:
+        seen, field = self._last_date
+        if seen is None or date != seen or date.utcoffset() != seen.utcoffset():
+            field = b"Date: " + format_datetime(date).encode("ascii") + _CRLF
+            self._last_date = (date, field)
+        return field
 
     def build(
         self,
@@ -246,7 +255,7 @@ class MessageBuilder:
             self._from,
             fold("To", format_address(to_email, to_name)),
             fold("Subject", encode_header_text(subject, offset=_SUBJECT_OFFSET)),
-            b"Date: " + format_datetime(date).encode("ascii") + _CRLF,
+            self._date_field(date),
             b"Message-ID: " + message_id.encode("ascii") + _CRLF,
             b"MIME-Version: 1.0\r\n",
             self._reply_to,

@@ -141,6 +141,17 @@ def test_message_id_is_preserved_and_the_date_keeps_its_offset(
     assert str(msg["Date"]) == "Thu, 02 Jan 2025 03:04:05 -0500"
 
 
+def test_each_message_gets_its_own_moment_in_its_own_offset(builder: MessageBuilder) -> None:
+    # Given messages built one after another: the same instant twice, then the same
+    # instant in another zone, then a later one (the builder keeps the last Date field)
+    utc = datetime(2025, 1, 2, 8, 4, 5, tzinfo=UTC)
+    dates = [utc, utc, utc.astimezone(timezone(timedelta(hours=-5))), utc + timedelta(seconds=1)]
+    fields = [str(parse(build(builder, date=d))["Date"]) for d in dates]
+    # Then each Date field says its own moment, in its own offset
+    assert fields == ["Thu, 02 Jan 2025 08:04:05 +0000", "Thu, 02 Jan 2025 08:04:05 +0000",
+                      "Thu, 02 Jan 2025 03:04:05 -0500", "Thu, 02 Jan 2025 08:04:06 +0000"]
+
+
 def test_a_naive_date_is_taken_as_utc(builder: MessageBuilder) -> None:
     # Given a naive timestamp, as SQLite hands back
     msg = parse(build(builder, date=datetime(2025, 3, 14, 15, 9, 26)))
