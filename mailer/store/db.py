@@ -13,13 +13,19 @@ from sqlalchemy.engine import make_url
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
+#: How long a SQLite statement waits for a lock before "database is locked" (ms).
+BUSY_TIMEOUT_MS = 30_000
+#: How long :func:`checkpoint_wal` may hold new writers back waiting for readers (ms).
+CHECKPOINT_WAIT_MS = 200
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets the API read while a worker writes; busy_timeout turns lock contention
     # between the web, worker and scheduler processes into waiting instead of errors.
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 
@@ -96,9 +102,11 @@ def checkpoint_wal(engine: Engine, max_frames: int = WAL_MAX_FRAMES) -> int | No
     connection always has a read open, as with the API, workers and scheduler busy, the
     WAL is never reset: it grew to 215 MB in a 40,000-message benchmark, and every page
     read searched a wal-index that long, and every commit's checkpoint copied a little
-    more of it. TRUNCATE waits (up to the busy timeout) for the reads and the write under
-    way to end, holding new writers back meanwhile: a few milliseconds, then the log
-    starts again from nothing. The scheduler calls this between its jobs.
+    more of it. TRUNCATE waits for the reads and the write under way to end, holding new
+    writers back meanwhile: usually a few milliseconds, then the log starts again from
+    nothing. It waits :data:`CHECKPOINT_WAIT_MS` at most, so a long read (an export) costs
+    writers no more than that; the next call tries again. The scheduler calls this between
+    its jobs.
     """
     if engine.dialect.name != "sqlite":
         return None
@@ -107,7 +115,11 @@ def checkpoint_wal(engine: Engine, max_frames: int = WAL_MAX_FRAMES) -> int | No
         cursor = raw.cursor()
         _busy, frames, _copied = cursor.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         if frames > max_frames:
-            cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            cursor.execute(f"PRAGMA busy_timeout={CHECKPOINT_WAIT_MS}")
+            try:
+                cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            finally:
+                cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         cursor.close()
     finally:
         raw.close()

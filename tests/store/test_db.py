@@ -137,6 +137,41 @@ def test_a_wal_kept_from_resetting_by_readers_is_cut_back(tmp_path: Path) -> Non
     assert checkpoint_wal(engine, max_frames=100) == wal.stat().st_size // (4096 + 24)
 
 
+def test_a_long_read_delays_the_cut_not_the_writers(tmp_path: Path) -> None:
+    # Given a long WAL and a reader in the middle of a long read (an export, say)
+    engine, _ = _engine_with_log(tmp_path)
+    wal = tmp_path / "mailer.db-wal"
+    with engine.begin() as conn:
+        conn.execute(insert(topics), [{"name": f"t-{i}", "title": "x" * 400,
+                                       "created_at": NOW} for i in range(500)])
+    reader = engine.connect()
+    reader.execute(select(topics.c.name).where(OURS)).all()
+    with engine.begin() as conn:
+        conn.execute(insert(topics).values(name="t-late", title="x", created_at=NOW))
+    before = wal.stat().st_size
+    # When the scheduler's checkpoint runs meanwhile (in a thread: the reader stays open)
+    done = threading.Event()
+    checkpointer = threading.Thread(
+        target=lambda: (checkpoint_wal(engine, max_frames=10), done.set()))
+    checkpointer.start()
+    checkpointer.join(10)
+    # Then it gave up on the cut rather than wait the reader out (while a TRUNCATE is
+    # pending, new writers wait): it returned with the read still open, the log intact
+    assert done.is_set()
+    assert wal.stat().st_size >= before > 0
+    with engine.begin() as conn:
+        conn.execute(insert(topics).values(name="t-after", title="x", created_at=NOW))
+    # And every pooled connection keeps the normal busy timeout
+    held = [engine.raw_connection() for _ in range(4)]
+    assert {c.cursor().execute("PRAGMA busy_timeout").fetchone()[0] for c in held} == {30_000}
+    for c in held:
+        c.close()
+    # And once the read ends, the next call cuts the log back
+    reader.close()
+    checkpoint_wal(engine, max_frames=10)
+    assert wal.stat().st_size == 0
+
+
 def test_checkpoint_is_a_no_op_on_postgresql() -> None:
     engine = make_engine("postgresql://nobody@127.0.0.1:9/none")
     assert checkpoint_wal(engine) is None
