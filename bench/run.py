@@ -85,6 +85,14 @@ def _median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def _spread(values: Sequence[float], spec: str) -> str:
+    """`` (runs LOW-HIGH)`` when there was more than one run: a median alone hides how far
+    single runs strayed on a noisy machine."""
+    if len(values) < 2:
+        return ""
+    return f" (runs {format(min(values), spec)}-{format(max(values), spec)})"
+
+
 def summarise(results: list[Measurement], runs: int) -> list[dict[str, object]]:
     """Median rows: one per (scenario, sink, database), with ratios taken within each run."""
     ceilings = {(m.sink, i): m.rate for i, m in _indexed(results) if m.scenario == "raw blast"}
@@ -196,9 +204,9 @@ def deployment_summary(results: list[Measurement], sink: str, database: str = ""
         )
         line = f"  {name:<26} {_median([m.rate for m in mine]):>8,.0f} msg/s"
         if ratio and name != "raw blast":
-            line += f"  {_median(ratio):.2f}x blast"
+            line += f"  {_median(ratio):.2f}x blast{_spread(ratio, '.2f')}"
         if naive and name != "naive peer":
-            line += f"  {_median(naive):.1f}x naive"
+            line += f"  {_median(naive):.1f}x naive{_spread(naive, '.1f')}"
         lines.append(line)
         if name.startswith("deployment"):
             lines.append(f"  {'':<26} CPU us/msg: {cpu}")
