@@ -15,8 +15,11 @@ MAX_ADDRESS_LENGTH = 254
 MAX_LOCAL_PART_LENGTH = 64
 
 
-# An ASCII dot-atom local part (RFC 5322 section 3.2.3 atext, single dots between atoms).
-_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+#: An ASCII dot-atom (RFC 5322 section 3.2.3: atext runs with single dots between them), as
+#: regular-expression text: the plain local part both checks here and SMTP's envelope
+#: check (mailer.smtp.replies) take a shortcut for.
+DOT_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+_DOT_ATOM = re.compile(DOT_ATOM)
 #: Domains whose verdict is remembered per process (most mail goes to a few domains).
 _DOMAINS_REMEMBERED = 4096
 
