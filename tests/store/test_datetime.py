@@ -33,6 +33,9 @@ def test_sqlite_bind_equals_the_chained_processors(value: datetime) -> None:
 def test_naive_and_none() -> None:
     assert _OURS is not None
     assert _OURS(None) is None
+    # A fresh processor's first value may be None too: NULL, never a remembered text
+    fresh = UtcDateTime().bind_processor(_SQLITE)
+    assert fresh is not None and fresh(None) is None
     with pytest.raises(ValueError, match="naive"):
         _OURS(datetime(2030, 1, 1))
 

@@ -13,6 +13,10 @@ from sqlalchemy import DateTime, Dialect, MetaData
 from sqlalchemy.types import TypeDecorator
 
 
+#: What a fresh SQLite processor has bound last: no value is this object (None included).
+_NOTHING_BOUND = object()
+
+
 class UtcDateTime(TypeDecorator[datetime]):
     """Stores naive UTC, returns aware UTC, so SQLite and PostgreSQL compare alike."""
 
@@ -27,7 +31,7 @@ class UtcDateTime(TypeDecorator[datetime]):
         return value.astimezone(UTC).replace(tzinfo=None)
 
     def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any] | None:
-        """On SQLite, the conversion above and SQLAlchemy's text form in one step.
+        """On SQLite, the conversion above and then SQLAlchemy's text form in one call.
 
         SQLite's DATETIME stores ``YYYY-MM-DD HH:MM:SS.ffffff``, which ``isoformat`` writes
         in C; the two chained Python processors cost twice as much, on every timestamp of
@@ -38,17 +42,16 @@ class UtcDateTime(TypeDecorator[datetime]):
         # A batch binds the same "now" object in every row: the last conversion is kept,
         # as one pair replaced whole, so threads sharing the processor never see it torn.
         # The pair holds the datetime (immutable), so its identity cannot be reused.
-        last: list[tuple[datetime | None, str]] = [(None, "")]
+        last: list[tuple[object, str | None]] = [(_NOTHING_BOUND, None)]
 
         def process(value: datetime | None) -> str | None:
-            if value is None:
-                return None
             seen, text = last[0]
             if value is seen:
                 return text
-            if value.tzinfo is None:
-                raise ValueError("naive datetime given to the database; use aware UTC")
-            text = value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+            naive = self.process_bind_param(value, dialect)
+            if naive is None:
+                return None
+            text = naive.isoformat(" ", "microseconds")
             last[0] = (value, text)
             return text
 
