@@ -215,12 +215,13 @@ class MessageBuilder:
             reply_name, reply_address = parse_sender(reply_to)
             self._reply_to = fold("Reply-To", format_address(reply_address, reply_name))
         self._dkim = dkim
-        # The Date field of the moment formatted last: a slice of messages shares one.
+        # The Date field of the moment formatted last: a slice of messages shares one
+        # datetime object (immutable, and held here, so its identity is not reused).
         self._last_date: tuple[datetime | None, bytes] = (None, b"")
 
     def _date_field(self, date: datetime) -> bytes:
         seen, field = self._last_date
-        if seen is None or date != seen or date.utcoffset() != seen.utcoffset():
+        if date is not seen:
             field = b"Date: " + format_datetime(date).encode("ascii") + _CRLF
             self._last_date = (date, field)
         return field
