@@ -94,10 +94,7 @@ def insert_messages(conn: Connection, rows: Sequence[Mapping[str, Any]], now: da
     keys = set().union(*(r.keys() for r in rows))
     uniform = [r if len(r) == len(keys) else {k: r.get(k) for k in keys} for r in rows]
     bulk.executemany(conn, _INSERT_MESSAGES, uniform)
-    bulk.executemany(conn, _INSERT_EVENTS, [
-        {"message_id": r["id"], "at": now, "type": r["status"], "detail": r.get("reason")}
-        for r in rows
-    ])
+    add_events(conn, [(r["id"], r["status"], r.get("reason")) for r in rows], now)
     record_message_changes(
         conn, [MessageChange(r["id"], r["status"], r.get("reason")) for r in rows], now)
 
@@ -165,7 +162,6 @@ def renew_lease(
         .returning(messages.c.id)
     )
     return {row.id for row in result}
-
 
 
 def finish(conn: Connection, outcomes: Iterable[Outcome], now: datetime) -> int:
