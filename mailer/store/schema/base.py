@@ -12,7 +12,6 @@ from typing import Any
 from sqlalchemy import DateTime, Dialect, MetaData
 from sqlalchemy.types import TypeDecorator
 
-
 #: What a fresh SQLite processor has bound last: no value is this object (None included).
 _NOTHING_BOUND = object()
 
