@@ -38,12 +38,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.engine import make_url
 
 from bench import campaign, content, pipeline, postgres
+from bench.peers import dkim_key
 from bench.procs import ROOT, BenchError, Group, Proc, free_port, wait_until
 from bench.stack import Config, Measurement, Sink, Window
 from mailer.keys import create_key
@@ -109,20 +108,13 @@ def procfile() -> dict[str, str]:
     return commands
 
 
-def _dkim_key(path: Path) -> None:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                       serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
-
-
 def environment(cfg: Config, db_url: str, smtp_port: int, templates: Path, work: Path,
                 port: int) -> dict[str, str]:
     """What a user sets: the required settings and DKIM, nothing tuned."""
     env = pipeline.mailer_env(cfg, db_url, smtp_port, templates)
     del env["MAILER_SMTP_POOL_SIZE"]  # the default pool
     key_file = work / "dkim.pem"
-    _dkim_key(key_file)
+    dkim_key(key_file)
     bin_dir = str(Path(sys.executable).parent)
     env.update({
         "MAILER_DKIM_DOMAIN": "example.test",  # the From domain (DMARC alignment, SPEC 6)

@@ -9,7 +9,9 @@ summarised on its own, once per database (``--databases``: a SQLite file, and a 
 PostgreSQL cluster with its default durability, see bench/postgres.py): raw blast, naive
 peer, single sends and campaign side by side, and the latency from acceptance to the
 sink's 250 at half load. The blast and the naive peer do not touch a database; they run
-once per run and every database's ratios are taken against them.
+once per run and every database's ratios are taken against them. The signed blast is the
+raw blast DKIM-signing each message (RSA-2048) as it sends it: the ceiling for a pipeline
+with DKIM on, which the deployment's figures are also divided by.
 """
 
 from __future__ import annotations
@@ -186,13 +188,14 @@ def deployment_summary(results: list[Measurement], sink: str, database: str = ""
         if m.sink == sink and (m.database == database or not m.scenario.startswith("deploy")):
             runs.setdefault(m.scenario, []).append(m)
     blasts, naives = runs.get("raw blast", []), runs.get("naive peer", [])
+    signeds = runs.get("signed blast", [])
     lines = [f"Default deployment (Procfile web, worker, scheduler as shipped; DKIM on), "
              f"{sink} sink" + (f", on {database}" if database else "")
              + "; medians over runs, ratios within each run:"]
     if describe:
         lines.append(f"  database: {describe}")
-    for name in ("raw blast", "naive peer", "deployment: single sends", "deployment: campaign",
-                 "deployment: 50 % load"):
+    for name in ("raw blast", "signed blast", "naive peer", "deployment: single sends",
+                 "deployment: campaign", "deployment: 50 % load"):
         mine = runs.get(name, [])
         if not mine:
             continue
@@ -207,6 +210,9 @@ def deployment_summary(results: list[Measurement], sink: str, database: str = ""
             line += f"  {_median(ratio):.2f}x blast{_spread(ratio, '.2f')}"
         if naive and name != "naive peer":
             line += f"  {_median(naive):.1f}x naive{_spread(naive, '.1f')}"
+        signed = [m.rate / b.rate for m, b in zip(mine, signeds, strict=False)]
+        if signed and name.startswith("deployment"):
+            line += f"  {_median(signed):.2f}x signed blast"
         lines.append(line)
         if name.startswith("deployment"):
             lines.append(f"  {'':<26} CPU us/msg: {cpu}")
@@ -265,9 +271,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="comma-separated: sqlite, postgresql (a private cluster): what "
                              "the deployment scenario and the fan-out run on")
     parser.add_argument("--scenarios", default="blast,pipeline,campaign,naive,deployment",
-                        help="comma-separated: blast, pipeline, campaign, naive, deployment "
-                             "(the Procfile as shipped, on the first sink; adds blast and "
-                             "naive there); also drain (workers alone) and fanout "
+                        help="comma-separated: blast, signed (the blast, DKIM-signing each "
+                             "message as it sends), pipeline, campaign, naive, deployment "
+                             "(the Procfile as shipped, on the first sink; adds blast, signed "
+                             "and naive there); also drain (workers alone) and fanout "
                              "(bench/campaign_fanout.py)")
     parser.add_argument("--blast-uvloop", action="store_true",
                         help="run the blast on uvloop instead of the asyncio loop")
@@ -319,11 +326,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                              Measurement | list[Measurement]]]] = []
         if "deployment" in scenarios and sinks:
             # Its summary compares with the blast and the naive peer of the same run.
-            scenarios += [s for s in ("blast", "naive") if s not in scenarios]
+            scenarios += [s for s in ("blast", "signed", "naive") if s not in scenarios]
         for sink in sinks:
             if "blast" in scenarios:
                 plan.append(("raw blast", sink, lambda c, s, i: peers.blast(
                     c, s, i, uvloop=args.blast_uvloop)))
+            if "signed" in scenarios:
+                plan.append(("signed blast", sink, lambda c, s, i: peers.blast(
+                    c, s, i, uvloop=args.blast_uvloop, signed=True)))
             if "pipeline" in scenarios:
                 plan.append(("pipeline", sink, pipeline.run))
             if "drain" in scenarios:
