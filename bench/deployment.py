@@ -19,7 +19,9 @@ database on a private PostgreSQL cluster (:mod:`bench.postgres`), as :class:`Dat
 
 CPU per message is measured per process group (web, worker, scheduler, Redis, sink, and
 on PostgreSQL the postmaster with every server process it forked). After each phase the
-database must record as sent every message the sink took.
+database must record as sent every message the sink took. On PostgreSQL the freshly seeded
+tables are analysed after the warm-up, as autovacuum would have done within a minute in a
+deployment that has been running (see ``_analyse``).
 """
 
 from __future__ import annotations
@@ -162,6 +164,25 @@ def _continue_ids(db_url: str) -> None:
         engine.dispose()
 
 
+def _analyse(db_url: str) -> None:
+    """Give PostgreSQL's planner the statistics a running deployment has.
+
+    The run seeds tens of thousands of rows into new tables seconds before it measures.
+    Until autovacuum's first ANALYZE (up to a minute later), the planner has no statistics
+    for them and picks sequential scans for the workers' batched lookups (``email_hash IN
+    (...)`` on suppressions: 3.0 ms instead of 0.3 ms for 100 keys), which a deployment
+    that has been up for a minute no longer does. SQLite keeps no statistics unless asked.
+    """
+    if make_url(db_url).get_backend_name() != "postgresql":
+        return
+    engine = make_engine(db_url, pool_size=1)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("ANALYZE"))
+    finally:
+        engine.dispose()
+
+
 def _marketing_key(db_url: str) -> str:
     engine = make_engine(db_url)
     try:
@@ -299,6 +320,8 @@ def _run(cfg: Config, sink_kind: str, index: int, work: Path, db_url: str,
         # Warm-up: forks done, imports loaded, SMTP pools open, database pages cached.
         pipeline._post_all(base, key, warm_bodies, 1)
         sink.wait_for(cfg.warmup, cfg.timeout, check)
+        _wait_sent(db_url, cfg.warmup, cfg.timeout)
+        _analyse(db_url)
         results: list[Measurement] = []
 
         # 1. single sends through the batch API
