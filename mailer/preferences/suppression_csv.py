@@ -34,6 +34,7 @@ from sqlalchemy.exc import IntegrityError
 
 from mailer.errors import MailerError
 from mailer.runtime import Runtime
+from mailer.store.db import refresh_statistics
 from mailer.store.recipients import SUPPRESSION_REASONS, add_suppression
 from mailer.store.schema import suppressions
 from mailer.times import iso
@@ -44,6 +45,8 @@ from suppression.addresses import InvalidAddressError
 COLUMNS = ("email", "email_hash", "scope", "reason", "source", "created_at", "expires_at")
 #: Rows written per transaction on import.
 DEFAULT_BATCH = 1000
+#: An import adding this many rows refreshes the planner's statistics at once (PostgreSQL).
+ANALYZE_AFTER = 1000
 #: At most this many bad rows are kept in the report; the count covers them all.
 MAX_REPORTED_ERRORS = 1000
 
@@ -228,6 +231,9 @@ def import_csv(
         if batch:
             flush()
         progress.update(task, completed=size, rows=seen)
+    if report.added >= ANALYZE_AFTER:
+        # The workers look these up on every slice they send, starting now.
+        refresh_statistics(rt.engine, suppressions)
     return report
 
 

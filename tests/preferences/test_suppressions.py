@@ -218,3 +218,55 @@ def test_a_large_import_shows_progress_and_stays_fast(
         after = conn.execute(select(func.count()).select_from(suppressions)).scalar_one()
     assert after - before == 19_999
     assert "importing" in screen.getvalue() and "20000 rows" in screen.getvalue()
+
+
+def _last_analyze(runtime: Any) -> Any:
+    from sqlalchemy import text
+
+    with runtime.engine.connect() as conn:
+        return conn.execute(text(
+            "SELECT last_analyze FROM pg_stat_user_tables WHERE relname = 'suppressions'"
+        )).scalar_one()
+
+
+@pytest.mark.postgresql_only  # the planner statistics ANALYZE refreshes are PostgreSQL's
+def test_a_bulk_import_refreshes_the_planner_statistics_a_small_one_does_not(
+    runtime: Any, tmp_path: Path
+) -> None:
+    from rich.console import Console
+
+    from mailer.preferences.suppression_csv import ANALYZE_AFTER, import_csv
+
+    quiet = Console(file=io.StringIO())
+    # Given a small import (fewer rows than the threshold)
+    small = tmp_path / "small.csv"
+    small.write_text("\n".join(unique_email("few") for _ in range(10)) + "\n")
+    before = _last_analyze(runtime)
+    assert import_csv(runtime, small, console=quiet).added == 10
+    # Then the table was not analysed by hand (autovacuum's runs are counted elsewhere)
+    assert _last_analyze(runtime) == before
+    # Given a bulk import
+    bulk = tmp_path / "bulk.csv"
+    bulk.write_text("\n".join(unique_email("bulk") for _ in range(ANALYZE_AFTER)) + "\n")
+    assert import_csv(runtime, bulk, console=quiet).added == ANALYZE_AFTER
+    # Then the statistics were refreshed before the import returned
+    after = _last_analyze(runtime)
+    assert after is not None and (before is None or after > before)
+
+
+def test_refreshing_statistics_is_postgresql_only(tmp_path: Path) -> None:
+    from mailer.store.db import make_engine, refresh_statistics, upgrade
+    from mailer.store.schema import suppressions
+
+    # SQLite keeps no planner statistics unless asked; nothing is run there
+    url = f"sqlite:///{tmp_path / 'stats.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    try:
+        assert refresh_statistics(engine, suppressions) is False
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql(
+                "SELECT count(*) FROM sqlite_master WHERE name = 'sqlite_stat1'"
+            ).scalar_one() == 0
+    finally:
+        engine.dispose()
