@@ -72,6 +72,42 @@ def test_earlier_sends_count_only_when_accepted_before_and_not_given_up(db_url: 
     assert states["k"].prior_sends == (rows[1]["created_at"],)
 
 
+def test_service_alerts_count_inside_the_window_and_confirmations_for_ever(
+    db_url: str,
+) -> None:
+    # Given sent service alerts and sent registration confirmations to one address, each
+    # kind once just inside the service-alert window and once just outside it, plus a
+    # sent consent confirmation, which no rule counts
+    rt = unit_runtime(db_url)
+    now = rt.clock()
+    window = rt.settings.service_alert_window
+    to_hash = uuid.uuid4().hex * 2
+    inside, outside = now - window + timedelta(minutes=1), now - window - timedelta(minutes=1)
+    rows = [message_row(rt, S.SENT, when, to_hash=to_hash, category=category.value,
+                        template=category.value)
+            for category in (Category.SERVICE_ALERT, Category.REGISTRATION_CONFIRMATION)
+            for when in (inside, outside)]
+    rows.append(message_row(rt, S.SENT, inside, to_hash=to_hash,
+                            template="consent_confirmation"))
+    with rt.engine.begin() as conn:
+        insert_messages(conn, rows, now)
+
+    def target(category: Category) -> Target:
+        return Target(key=category.value, category=category, topic=None, recipient_id=None,
+                      to_hash=to_hash, template=category.value)
+
+    # When the facts are gathered for one more of each kind
+    with rt.engine.connect() as conn:
+        states = load_states(conn, [target(Category.SERVICE_ALERT),
+                                    target(Category.REGISTRATION_CONFIRMATION)], now, window)
+    # Then a service alert counts only the alert inside the window
+    assert states["service_alert"].prior_sends == (rows[0]["created_at"],)
+    # And a registration confirmation counts both of its kind, however old, and never the
+    # consent confirmation
+    assert sorted(states["registration_confirmation"].prior_sends) == sorted(
+        [rows[2]["created_at"], rows[3]["created_at"]])
+
+
 def test_a_recipient_gone_from_the_store_has_no_account_and_no_consent(db_url: str) -> None:
     # Given a target naming a profile id that no longer exists (erased)
     rt = unit_runtime(db_url)
