@@ -15,10 +15,16 @@ from mailer.store.recipients import Address
 from suppression.addresses import InvalidAddressError
 
 
-def runtime(request: Request) -> Runtime:
+def app_runtime(request: Request) -> Runtime:
     """The process's runtime, set on the app at start-up."""
     rt: Runtime = request.app.state.runtime
     return rt
+
+
+async def runtime(request: Request) -> Runtime:
+    """:func:`app_runtime` as a dependency. ``async`` because FastAPI runs a plain ``def``
+    dependency in its thread pool: one thread hand-off per request for an attribute read."""
+    return app_runtime(request)
 
 
 #: Declares the bearer scheme in the OpenAPI document (SPEC 7); it never answers by itself
@@ -36,7 +42,7 @@ def api_key(
     presented = credentials.credentials.strip() if credentials is not None else ""
     if not presented:
         raise Unauthorized("missing API key: send Authorization: Bearer <key>")
-    rt = runtime(request)
+    rt = app_runtime(request)
     with rt.engine.connect() as conn:
         key = authenticate(conn, presented)
     if key is None:
