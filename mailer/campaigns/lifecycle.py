@@ -23,7 +23,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, Row, and_, func, insert, literal, select, update
+from sqlalchemy import Connection, Row, and_, bindparam, func, insert, literal, select, update
 
 from mailer.errors import Conflict, NotFound
 from mailer.events.record import record_campaign_completed
@@ -227,12 +227,16 @@ class SendContext:
         return None
 
 
+# Read for every chunk of campaign mail a worker sends: built once.
+_SEND_CONTEXT = select(campaigns.c.id, campaigns.c.status, campaigns.c.data).where(
+    campaigns.c.id.in_(bindparam("ids", expanding=True)))
+
+
 def send_context(conn: Connection, campaign_ids: Sequence[str]) -> dict[str, SendContext]:
     """Status and shared variables (merged in at render time) of each campaign."""
     if not campaign_ids:
         return {}
-    rows = conn.execute(select(campaigns.c.id, campaigns.c.status, campaigns.c.data)
-                        .where(campaigns.c.id.in_(list(campaign_ids))))
+    rows = conn.execute(_SEND_CONTEXT, {"ids": list(campaign_ids)})
     return {r.id: SendContext(r.status, dict(r.data or {})) for r in rows}
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, Row, select
+from sqlalchemy import Connection, Row, bindparam, select
 
 from mailer.campaigns.lifecycle import send_context
 from mailer.errors import MailerError
@@ -79,14 +79,22 @@ def backoff(attempt: int, base: timedelta, rng: random.Random = random.Random())
     return delay * factor
 
 
+# Built once: building and keying a select per chunk cost ~200 us each.
+_LOCALES = (
+    select(messages.c.id, messages.c.locale, recipients.c.locale.label("profile_locale"))
+    .select_from(messages.outerjoin(recipients, recipients.c.id == messages.c.recipient_id))
+    .where(messages.c.id.in_(bindparam("ids", expanding=True)))
+)
+_TOPICS = select(topics.c.name, topics.c.title, topics.c.third_party,
+                 topics.c.translations).where(topics.c.name.in_(bindparam("names",
+                                                                          expanding=True)))
+
+
 def requested_locales(conn: Connection, ids: Sequence[str]) -> dict[str, str | None]:
     """Per message id, the locale asked for: the message's own, else its recipient's now."""
     if not ids:
         return {}
-    rows = conn.execute(
-        select(messages.c.id, messages.c.locale, recipients.c.locale.label("profile_locale"))
-        .select_from(messages.outerjoin(recipients, recipients.c.id == messages.c.recipient_id))
-        .where(messages.c.id.in_(list(ids))))
+    rows = conn.execute(_LOCALES, {"ids": list(ids)})
     return {r.id: requested(r.locale, r.profile_locale) for r in rows}
 
 
@@ -136,12 +144,8 @@ class Dispatcher:
         with self.rt.engine.connect() as conn:
             names = sorted({r.topic for r in rows if r.topic})
             topic_info: dict[str, Any] = {
-                t.name: t
-                for t in conn.execute(
-                    select(topics.c.name, topics.c.title, topics.c.third_party,
-                           topics.c.translations).where(topics.c.name.in_(names))
-                )
-            }
+                t.name: t for t in conn.execute(_TOPICS, {"names": names})
+            } if names else {}
             locales = requested_locales(conn, [r.id for r in rows])
             # Campaign messages: the campaign's state and shared variables (SPEC 9).
             campaign = send_context(conn, sorted({r.campaign_id for r in rows if r.campaign_id}))
