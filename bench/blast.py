@@ -33,8 +33,6 @@ from suppression.policy import Category
 
 #: How long the blaster waits for the go signal before giving up (seconds).
 GO_TIMEOUT = 120.0
-#: The signing domain and selector of ``--dkim-key`` (the deployment benchmark's).
-DKIM_DOMAIN, DKIM_SELECTOR = "example.test", "bench"
 #: How long the blaster lingers after its last message, waiting to be stopped (seconds).
 LINGER = 300.0
 
@@ -95,12 +93,12 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--uvloop", action="store_true")
     parser.add_argument("--dkim-key", type=Path,
-                        help="PEM RSA key: sign each message as it is sent (domain example.test)")
+                        help="PEM RSA key: sign each message as it is sent, as the deployment does")
     parser.add_argument("--ready", type=Path, required=True)
     parser.add_argument("--go", type=Path, required=True)
     args = parser.parse_args()
     envelopes = build(args.first, args.count, args.label)
-    signer = (DkimSigner(DKIM_DOMAIN, DKIM_SELECTOR, args.dkim_key.read_bytes())
+    signer = (DkimSigner(content.DKIM_DOMAIN, content.DKIM_SELECTOR, args.dkim_key.read_bytes())
               if args.dkim_key else None)
     if args.uvloop:
         # Optional: uvloop is not a project dependency (pip install uvloop to measure it).

@@ -17,6 +17,9 @@ TEMPLATE = "bench_activity"
 CAMPAIGN_TEMPLATE = "bench_digest"
 #: Sender of every scenario.
 MAIL_FROM = "Example <no-reply@example.test>"
+#: DKIM signing domain (the From domain: DMARC alignment, SPEC 6) and selector, for the
+#: deployment and the signed blast.
+DKIM_DOMAIN, DKIM_SELECTOR = "example.test", "bench"
 
 SUBJECT = "{{ title }}"
 

@@ -126,8 +126,9 @@ def checkpoint_wal(engine: Engine, max_frames: int = WAL_MAX_FRAMES) -> int | No
     return int(frames)
 
 
-def refresh_statistics(engine: Engine, table: Table) -> bool:
-    """On PostgreSQL, ANALYZE ``table`` now; return whether it ran (False elsewhere).
+def refresh_statistics(engine: Engine, *tables: Table) -> bool:
+    """On PostgreSQL, ANALYZE ``tables`` now (no table: every one); return whether it ran
+    (False elsewhere).
 
     For a bulk load. Until autovacuum's next pass (up to ``autovacuum_naptime``, a minute
     by default) the planner keeps the statistics it had before the load, or none for a
@@ -138,8 +139,9 @@ def refresh_statistics(engine: Engine, table: Table) -> bool:
     """
     if engine.dialect.name != "postgresql":
         return False
+    names = ", ".join(engine.dialect.identifier_preparer.format_table(t) for t in tables)
     with engine.begin() as conn:
-        conn.execute(text(f"ANALYZE {engine.dialect.identifier_preparer.format_table(table)}"))
+        conn.execute(text(f"ANALYZE {names}".rstrip()))
     return True
 
 

@@ -270,3 +270,18 @@ def test_refreshing_statistics_is_postgresql_only(tmp_path: Path) -> None:
             ).scalar_one() == 0
     finally:
         engine.dispose()
+
+
+@pytest.mark.postgresql_only  # the planner statistics ANALYZE refreshes are PostgreSQL's
+def test_refreshing_statistics_without_tables_analyses_the_whole_database(
+    runtime: Any,
+) -> None:
+    from mailer.store.db import refresh_statistics
+
+    # Given the statistics as they stand
+    before = _last_analyze(runtime)
+    # When they are refreshed with no table named
+    assert refresh_statistics(runtime.engine) is True
+    # Then every table was analysed, the suppression list among them
+    after = _last_analyze(runtime)
+    assert after is not None and (before is None or after > before)
